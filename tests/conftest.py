@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 # Compiles dominate; a per-example deadline would flake on a busy 2-core machine.
 settings.register_profile(
     "ci",
-    max_examples=25,
+    max_examples=10,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     derandomize=True,

@@ -1,0 +1,216 @@
+"""Model configuration: a frozen, keyword-only dataclass and named presets.
+
+Variants are made with :func:`dataclasses.replace`, e.g.
+``dataclasses.replace(PRESETS["paper-base"], vocab_size=37000, dtype="bfloat16")``.
+Every field is a plain Python value (dtypes are strings) so a config round-trips through JSON
+with :meth:`ModelConfig.to_dict` / :meth:`ModelConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+__all__ = ["PRESETS", "ModelConfig"]
+
+DTypeName = Literal["float32", "bfloat16", "float16"]
+Norm = Literal["post", "pre"]
+Positions = Literal["sinusoidal", "learned"]
+Activation = Literal["relu", "gelu"]
+AttentionImpl = Literal["auto", "exact", "blockwise"]
+ModelKind = Literal["encoder_decoder", "lm"]
+
+_CHOICES = {  # field -> allowed values, checked once in __post_init__
+    "norm": typing.get_args(Norm),
+    "positions": typing.get_args(Positions),
+    "activation": typing.get_args(Activation),
+    "attention_impl": typing.get_args(AttentionImpl),
+    "dtype": typing.get_args(DTypeName),
+    "param_dtype": typing.get_args(DTypeName),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Hyper-parameters of the encoder–decoder :class:`~transformer_jax.model.Transformer` and
+    the decoder-only :class:`~transformer_jax.model.TransformerLM`.
+
+    Attributes:
+      vocab_size: V, one vocabulary shared by source and target (§3.4, §5.1: shared BPE).
+      d_model: D, the width of every residual stream (512 base, §3.1).
+      num_heads: N, query heads (8 base, §3.2.2).
+      num_kv_heads: K, key/value heads; ``None`` means ``num_heads`` (the paper's multi-head
+        attention). Fewer gives grouped-query attention (N must be a multiple of K).
+      num_encoder_layers: encoder blocks (6, §3.1); unused by the LM.
+      num_decoder_layers: decoder blocks (6, §3.1); the LM's layer count.
+      d_ff: F, inner width of the position-wise feed-forward network (2048 base, §3.3).
+      dropout_rate: residual dropout P_drop on each sub-layer output and on the sum of
+        embeddings and positions (§5.4).
+      max_len: longest sequence the positions cover (learned positions have this many rows).
+      norm: "post" = LayerNorm(x + Sublayer(x)) as in the paper (§3.1); "pre" =
+        x + Sublayer(LayerNorm(x)) with a final LayerNorm (GPT-2, Xiong et al. 2020).
+      positions: "sinusoidal" (§3.5) or "learned" position embeddings.
+      activation: feed-forward non-linearity: "relu" (§3.3) or "gelu" (GPT-2).
+      share_embeddings: one matrix for source embeddings, target embeddings and the pre-softmax
+        projection (§3.4); for the LM, the output projection is tied to the input embedding.
+      pad_id: padding token; source keys equal to it are masked out of attention.
+      bos_id: beginning-of-sequence token; the decoder's first input in seq2seq decoding.
+      eos_id: end-of-sequence token; decoding stops a hypothesis when it is emitted.
+      dtype: compute dtype name ("float32", "bfloat16", "float16"); LayerNorm statistics,
+        attention softmax and the returned logits stay float32.
+      param_dtype: parameter storage dtype name.
+      attention_impl: passed to the attention kernel: "exact", "blockwise" or "auto" (the
+        kernel chooses by size).
+      layer_norm_eps: LayerNorm epsilon.
+    """
+
+    vocab_size: int
+    d_model: int = 512
+    num_heads: int = 8
+    num_kv_heads: int | None = None
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    d_ff: int = 2048
+    dropout_rate: float = 0.1
+    max_len: int = 512
+    norm: Norm = "post"
+    positions: Positions = "sinusoidal"
+    activation: Activation = "relu"
+    share_embeddings: bool = True
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    dtype: DTypeName = "float32"
+    param_dtype: DTypeName = "float32"
+    attention_impl: AttentionImpl = "auto"
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:  # frozen: the documented default is filled in once here
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        for name in ("vocab_size", "d_model", "num_heads", "num_kv_heads", "num_decoder_layers",
+                     "d_ff", "max_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.num_encoder_layers, int) or self.num_encoder_layers < 0:
+            raise ValueError(
+                f"num_encoder_layers must be a non-negative int, got {self.num_encoder_layers!r}"
+            )
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of "
+                f"num_kv_heads={self.num_kv_heads} (grouped-query attention)"
+            )
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must lie in [0, 1), got {self.dropout_rate!r}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        for name in ("pad_id", "bos_id", "eos_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(
+                    f"{name} must be an int in [0, vocab_size={self.vocab_size}), got {value!r}"
+                )
+
+    # ---- derived ------------------------------------------------------------------------
+
+    @property
+    def head_dim(self) -> int:
+        """H = d_k = d_v = d_model / num_heads (64 base, §3.2.2)."""
+        return self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """The jnp dtype of :attr:`dtype`."""
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> jnp.dtype:
+        """The jnp dtype of :attr:`param_dtype`."""
+        return jnp.dtype(self.param_dtype)
+
+    def num_params(self, kind: ModelKind = "encoder_decoder") -> int:
+        """Exact parameter count of our Flax model of this config (no allocation).
+
+        Args:
+          kind: "encoder_decoder" (:class:`Transformer`) or "lm" (:class:`TransformerLM`).
+        """
+        D, F, V, H = self.d_model, self.d_ff, self.vocab_size, self.head_dim
+        q = D * self.num_heads * H + self.num_heads * H
+        kv = 2 * (D * self.num_kv_heads * H + self.num_kv_heads * H)
+        attn = q + kv + self.num_heads * H * D + D
+        ffn = D * F + F + F * D + D
+        ln = 2 * D
+        enc_layer = attn + ffn + 2 * ln
+        dec_layer = 2 * attn + ffn + 3 * ln
+        final_ln = ln if self.norm == "pre" else 0  # pre-LN ends each stack with a LayerNorm
+        pos = self.max_len * D if self.positions == "learned" else 0
+        if kind == "lm":
+            embed = V * D + (0 if self.share_embeddings else D * V + V)
+            # An LM block is an encoder block: causal self-attention and a feed-forward network.
+            return embed + pos + self.num_decoder_layers * enc_layer + final_ln
+        if kind != "encoder_decoder":
+            raise ValueError(f"kind must be 'encoder_decoder' or 'lm', got {kind!r}")
+        # Unshared: separate source and target embeddings plus an output projection with bias.
+        embed = V * D if self.share_embeddings else 2 * V * D + D * V + V
+        return (embed + pos + self.num_encoder_layers * enc_layer
+                + self.num_decoder_layers * dec_layer + 2 * final_ln)
+
+    # ---- serialisation ------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Table 3, row "base": N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1. vocab_size is a
+    # placeholder for the ~37k shared BPE vocabulary of §5.1; set it with dataclasses.replace.
+    "paper-base": ModelConfig(
+        vocab_size=37000, d_model=512, num_heads=8, num_encoder_layers=6,
+        num_decoder_layers=6, d_ff=2048, dropout_rate=0.1, max_len=512,
+    ),
+    # Table 3, row "big": d_model=1024, d_ff=4096, h=16, P_drop=0.3.
+    "paper-big": ModelConfig(
+        vocab_size=37000, d_model=1024, num_heads=16, num_encoder_layers=6,
+        num_decoder_layers=6, d_ff=4096, dropout_rate=0.3, max_len=512,
+    ),
+    # GPT-2 small (Radford et al. 2019): 12 layers, 768 wide, 12 heads, 1024 context, pre-LN,
+    # learned positions, GELU, tied output embedding, 50257 BPE tokens.
+    "gpt2-small": ModelConfig(
+        vocab_size=50257, d_model=768, num_heads=12, num_encoder_layers=0,
+        num_decoder_layers=12, d_ff=3072, dropout_rate=0.1, max_len=1024, norm="pre",
+        positions="learned", activation="gelu", share_embeddings=True,
+    ),
+    # The default training run: a byte-level (V=256) LM sized for ~4 minutes on 2 CPU cores.
+    "cpu-lm": ModelConfig(
+        vocab_size=256, d_model=256, num_heads=4, num_encoder_layers=0,
+        num_decoder_layers=4, d_ff=1024, dropout_rate=0.0, max_len=256, norm="pre",
+        positions="learned", activation="gelu", share_embeddings=True,
+    ),
+    # For tests: compiles in seconds.
+    "tiny": ModelConfig(
+        vocab_size=256, d_model=32, num_heads=2, num_encoder_layers=2,
+        num_decoder_layers=2, d_ff=64, dropout_rate=0.0, max_len=64,
+    ),
+}
