@@ -54,11 +54,15 @@ _IMPLEMENTATIONS = ("exact", "blockwise")
 # 2048² float32 scores are 16 MiB per head, where the exact path's memory traffic starts to
 # dominate on CPU and its O(T·S) temporaries start to hurt on accelerators.
 _AUTO_BLOCKWISE_SCORES = 2048 * 2048
-_DEFAULT_BLOCK = 512
+# 128×128 float32 score blocks (64 KiB per head) stay in cache; measured fastest on CPU
+# among 64…512 (benchmarks/attention.py).
+_DEFAULT_BLOCK = 128
 # The exact path splits causal/local rows into at most this many query chunks of at least
 # _MIN_CHUNK rows: enough to skip most of the masked triangle, few enough to compile quickly.
 _MAX_CHUNKS = 8
 _MIN_CHUNK = 128
+# Floor for a row's running max: far below any real logit, far above -inf.
+_FLOOR = -1e30
 
 
 # --------------------------------------------------------------------------------------
@@ -130,25 +134,33 @@ def _row_chunks(spec: _Spec, T: int, S: int) -> list[tuple[int, int, int, int]]:
 def _exact_chunk(spec, q, k, v, bias, mask, q_len, kv_len, r0, r1, c0, c1):
     """Output [K, G, r1-r0, H] (float32) and probabilities for rows r0:r1, keys c0:c1."""
     rows, cols = r1 - r0, c1 - c0
-    qc, kc, vc = q[:, :, r0:r1], k[:, c0:c1], v[:, c0:c1]
-    s = jnp.einsum("kgth,ksh->kgts", qc, kc, preferred_element_type=jnp.float32)
-    s = s * jnp.float32(spec.scale)
+    Kh, G, _, H = q.shape
+    # One [G·rows, H] x [H, cols] matmul per kv head: the G query heads sharing a kv head are
+    # stacked as rows, so grouped-query attention costs no extra copies of k and v.
+    qc = q[:, :, r0:r1].reshape(Kh, G * rows, H)
+    kc, vc = k[:, c0:c1], v[:, c0:c1]
+    s = jnp.einsum("kth,ksh->kts", qc, kc, preferred_element_type=jnp.float32)
+    s = s.reshape(Kh, G, rows, cols)
+    if spec.scale != 1.0:
+        s = s * jnp.float32(spec.scale)
     if bias is not None:
         s = s + _slice_2d(bias, r0, rows, c0, cols).astype(jnp.float32)
     ok = _valid(spec, r0, rows, c0, cols, q_len, kv_len)
     if mask is not None:
         ok = ok & _slice_2d(mask, r0, rows, c0, cols)
     s = jnp.where(ok, s, -jnp.inf)
-    # Softmax is shift-invariant, so the max needs no gradient; an all-masked row has max -inf,
-    # which we replace by 0 so that exp() gives exact zeros instead of NaN.
+    # Softmax is shift-invariant, so the max needs no gradient. An all-masked row has max -inf:
+    # flooring it at a finite value makes exp() give exact zeros (not NaN), and adding 1 to a
+    # zero denominator makes its output 0/1. (max/add fuse better here than where(): ~15%.)
     m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-    m = jnp.where(jnp.isneginf(m), 0.0, m)
+    m = jnp.maximum(m, _FLOOR)
     p = jnp.exp(s - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    denom = jnp.where(denom > 0, denom, 1.0)
+    denom = denom + (denom == 0)
     # Normalise after the PV product: a [rows, H] divide instead of a [rows, cols] one.
-    o = jnp.einsum("kgts,ksh->kgth", p.astype(v.dtype), vc, preferred_element_type=jnp.float32)
-    return o / denom, p / denom
+    o = jnp.einsum("kts,ksh->kth", p.astype(v.dtype).reshape(Kh, G * rows, cols), vc,
+                   preferred_element_type=jnp.float32)
+    return o.reshape(Kh, G, rows, H) / denom, p / denom
 
 
 def _exact(spec, q, k, v, bias, mask, q_len, kv_len, *, return_weights=False):
@@ -211,7 +223,8 @@ def _block_logits(spec, q_i, k_j, bias, mask, q_len, kv_len, i, j):
     """Masked float32 logits [K, G, bq, bk] of query block i against key block j."""
     bq, bk = spec.block_q, spec.block_k
     s = jnp.einsum("kgqh,kch->kgqc", q_i, k_j, preferred_element_type=jnp.float32)
-    s = s * jnp.float32(spec.scale)
+    if spec.scale != 1.0:
+        s = s * jnp.float32(spec.scale)
     if bias is not None:
         s = s + _slice_2d(bias, i * bq, bq, j * bk, bk).astype(jnp.float32)
     ok = _valid(spec, i * bq, bq, j * bk, bk, q_len, kv_len)
@@ -532,7 +545,7 @@ def scaled_dot_product_attention(
       key_value_seq_length: optional int scalar; keys at or beyond it are padding.
       local_window_size: optional (left, right): query t sees keys in [t - left, t + right].
       implementation: "exact", "blockwise" or None (exact up to 2048² scores, then blockwise).
-      block_size: blockwise block size, an int or a (query, key) pair; default 512.
+      block_size: blockwise block size, an int or a (query, key) pair; default 128.
 
     Returns:
       [T, N, H] in the dtype of ``query``.
@@ -543,15 +556,21 @@ def scaled_dot_product_attention(
     _check_length("key_value_seq_length", key_value_seq_length, (), S)
     _check_options(implementation, scale, block_size, local_window_size)
     bq, bk = _block_sizes(block_size)
+    scale = float(1.0 / np.sqrt(H) if scale is None else scale)
+    query = jnp.asarray(query)
+    if jnp.finfo(query.dtype).bits >= 32:
+        # Scaling q ([T, H]) instead of the logits ([T, S]) saves a pass over the scores; in
+        # bf16/fp16 it would add a rounding step, so there the float32 logits are scaled.
+        query, scale = query * jnp.asarray(scale, query.dtype), 1.0
     spec = _Spec(
-        scale=float(1.0 / np.sqrt(H) if scale is None else scale),
+        scale=scale,
         is_causal=bool(is_causal),
         window=_window(local_window_size),
         block_q=bq,
         block_k=bk,
     )
     G = N // K
-    q = jnp.asarray(query).reshape(T, K, G, H).transpose(1, 2, 0, 3)  # [K, G, T, H]
+    q = query.reshape(T, K, G, H).transpose(1, 2, 0, 3)  # [K, G, T, H]
     k = jnp.asarray(key).transpose(1, 0, 2)  # [K, S, H]
     v = jnp.asarray(value).transpose(1, 0, 2)
     bias4, mask4 = _to_grouped(bias, N, K), _to_grouped(mask, N, K)
