@@ -5,6 +5,7 @@ References: a float64 NumPy implementation written from the formula (below), and
 ``jax.nn``'s autodiff and against central finite differences of the float64 reference.
 """
 
+import dataclasses
 import functools
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from jax.sharding import Mesh, PartitionSpec as P
 
 from transformer_jax import attention as attn
+from transformer_jax import attention_kernels as kernels
 from transformer_jax.attention import (
     attention_weights,
     dot_product_attention,
@@ -287,29 +289,23 @@ def test_attention_weights_are_probabilities():
 
 
 def test_causal_blocks_are_skipped_by_the_loop_bounds():
-    spec = attn._Spec(scale=1.0, is_causal=True, window=None, block_q=16, block_k=16)
-    ranges = [tuple(int(x) for x in attn._key_block_range(spec, i, 4, 64, 64)) for i in range(4)]
+    spec = kernels.Spec(scale=1.0, is_causal=True, window=None, block_q=16, block_k=16)
+    ranges = [tuple(int(x) for x in kernels.key_block_range(spec, i, 4, 64, 64)) for i in range(4)]
     assert ranges == [(0, 1), (0, 2), (0, 3), (0, 4)]  # 10 of 16 blocks, not 16
-    rows = [tuple(int(x) for x in attn._query_block_range(spec, j, 4, 64, 64)) for j in range(4)]
+    rows = [tuple(int(x) for x in kernels.query_block_range(spec, j, 4, 64, 64)) for j in range(4)]
     assert rows == [(0, 4), (1, 4), (2, 4), (3, 4)]
     # Key padding and a sliding window skip blocks too.
-    assert tuple(int(x) for x in attn._key_block_range(spec, 3, 4, 64, 20)) == (0, 2)
-    local = attn._Spec(scale=1.0, is_causal=False, window=(16, 0), block_q=16, block_k=16)
-    assert tuple(int(x) for x in attn._key_block_range(local, 3, 4, 64, 64)) == (2, 4)
+    assert tuple(int(x) for x in kernels.key_block_range(spec, 3, 4, 64, 20)) == (0, 2)
+    local = kernels.Spec(scale=1.0, is_causal=False, window=(16, 0), block_q=16, block_k=16)
+    assert tuple(int(x) for x in kernels.key_block_range(local, 3, 4, 64, 64)) == (2, 4)
 
 
 def test_exact_path_computes_only_the_causal_triangle_in_chunks():
-    spec = attn._Spec(scale=1.0, is_causal=True, window=None, block_q=512, block_k=512)
-    chunks = attn._row_chunks(spec, 1024, 1024)
+    spec = kernels.Spec(scale=1.0, is_causal=True, window=None, block_q=512, block_k=512)
+    chunks = kernels.row_chunks(spec, 1024, 1024)
     assert len(chunks) == 8 and chunks[0] == (0, 128, 0, 128) and chunks[-1][3] == 1024
-    full = attn._row_chunks(dataclasses_replace(spec, is_causal=False), 1024, 1024)
+    full = kernels.row_chunks(dataclasses.replace(spec, is_causal=False), 1024, 1024)
     assert full == [(0, 1024, 0, 1024)]
-
-
-def dataclasses_replace(spec, **kw):
-    import dataclasses
-
-    return dataclasses.replace(spec, **kw)
 
 
 def test_transforms_jit_vmap_grad():
