@@ -29,7 +29,20 @@ from transformer_jax.attention import (
 __version__ = "0.1.0"
 
 # name -> submodule that defines it; resolved on first attribute access (PEP 562).
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "ModelConfig": "config",
+    "PRESETS": "config",
+    "Transformer": "model",
+    "TransformerLM": "model",
+    "count_params": "model",
+    "sinusoidal_positions": "model",
+    "generate": "decoding",
+    "greedy_decode": "decoding",
+    "beam_search": "decoding",
+    "LSTMLM": "rnn",
+    "GRULM": "rnn",
+    "match_rnn_width": "rnn",
+}
 
 
 def __getattr__(name: str):

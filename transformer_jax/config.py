@@ -1,0 +1,367 @@
+"""Model configuration: a frozen, keyword-only dataclass and named presets.
+
+Variants are made with :func:`dataclasses.replace`, e.g.
+``dataclasses.replace(PRESETS["paper-base"], vocab_size=37000, dtype="bfloat16")``.
+Every field is a plain Python value (dtypes are strings) so a config round-trips through JSON
+with :meth:`ModelConfig.to_dict` / :meth:`ModelConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+__all__ = ["PRESETS", "ModelConfig"]
+
+DTypeName = Literal["float32", "bfloat16", "float16"]
+Norm = Literal["post", "pre"]
+Positions = Literal["sinusoidal", "learned"]
+Activation = Literal["relu", "gelu"]
+AttentionImpl = Literal["auto", "exact", "blockwise"]
+ModelKind = Literal["encoder_decoder", "lm"]
+
+_CHOICES = {  # field -> allowed values, checked once in __post_init__
+    "norm": typing.get_args(Norm),
+    "positions": typing.get_args(Positions),
+    "activation": typing.get_args(Activation),
+    "attention_impl": typing.get_args(AttentionImpl),
+    "dtype": typing.get_args(DTypeName),
+    "param_dtype": typing.get_args(DTypeName),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Hyper-parameters of the encoder–decoder :class:`~transformer_jax.model.Transformer` and
+    the decoder-only :class:`~transformer_jax.model.TransformerLM`.
+
+    Attributes:
+      vocab_size: V, one vocabulary shared by source and target (§3.4, §5.1: shared BPE).
+      d_model: D, the width of every residual stream (512 base, §3.1).
+      num_heads: N, query heads (8 base, §3.2.2).
+      num_kv_heads: K, key/value heads; ``None`` means ``num_heads`` (the paper's multi-head
+        attention). Fewer gives grouped-query attention (N must be a multiple of K).
+      num_encoder_layers: encoder blocks (6, §3.1); unused by the LM.
+      num_decoder_layers: decoder blocks (6, §3.1); the LM's layer count.
+      d_ff: F, inner width of the position-wise feed-forward network (2048 base, §3.3).
+      dropout_rate: residual dropout P_drop on each sub-layer output and on the sum of
+        embeddings and positions (§5.4).
+      max_len: longest sequence the positions cover (learned positions have this many rows).
+      norm: "post" = LayerNorm(x + Sublayer(x)) as in the paper (§3.1); "pre" =
+        x + Sublayer(LayerNorm(x)) with a final LayerNorm (GPT-2, Xiong et al. 2020).
+      positions: "sinusoidal" (§3.5) or "learned" position embeddings.
+      activation: feed-forward non-linearity: "relu" (§3.3) or "gelu" (GPT-2).
+      share_embeddings: one matrix for source embeddings, target embeddings and the pre-softmax
+        projection (§3.4); for the LM, the output projection is tied to the input embedding.
+      pad_id: padding token; source keys equal to it are masked out of attention.
+      bos_id: beginning-of-sequence token; the decoder's first input in seq2seq decoding.
+      eos_id: end-of-sequence token; decoding stops a hypothesis when it is emitted.
+      dtype: compute dtype name ("float32", "bfloat16", "float16"); LayerNorm statistics,
+        attention softmax and the returned logits stay float32.
+      param_dtype: parameter storage dtype name.
+      attention_impl: passed to the attention kernel: "exact", "blockwise" or "auto" (the
+        kernel chooses by size).
+      layer_norm_eps: LayerNorm epsilon.
+    """
+
+    vocab_size: int
+    d_model: int = 512
+    num_heads: int = 8
+    num_kv_heads: int | None = None
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    d_ff: int = 2048
+    dropout_rate: float = 0.1
+    max_len: int = 512
+    norm: Norm = "post"
+    positions: Positions = "sinusoidal"
+    activation: Activation = "relu"
+    share_embeddings: bool = True
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    dtype: DTypeName = "float32"
+    param_dtype: DTypeName = "float32"
+    attention_impl: AttentionImpl = "auto"
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:  # frozen: the documented default is filled in once here
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        for name in ("vocab_size", "d_model", "num_heads", "num_kv_heads", "num_decoder_layers",
+                     "d_ff", "max_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.num_encoder_layers, int) or self.num_encoder_layers < 0:
+            raise ValueError(
+                f"num_encoder_layers must be a non-negative int, got {self.num_encoder_layers!r}"
+            )
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of "
+                f"num_kv_heads={self.num_kv_heads} (grouped-query attention)"
+            )
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must lie in [0, 1), got {self.dropout_rate!r}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        for name in ("pad_id", "bos_id", "eos_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(
+                    f"{name} must be an int in [0, vocab_size={self.vocab_size}), got {value!r}"
+                )
+
+    # ---- derived ------------------------------------------------------------------------
+
+    @property
+    def head_dim(self) -> int:
+        """H = d_k = d_v = d_model / num_heads (64 base, §3.2.2)."""
+        return self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """The jnp dtype of :attr:`dtype`."""
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> jnp.dtype:
+        """The jnp dtype of :attr:`param_dtype`."""
+        return jnp.dtype(self.param_dtype)
+
+    def num_params(self, kind: ModelKind = "encoder_decoder") -> int:
+        """Exact parameter count of our Flax model of this config (no allocation).
+
+        Args:
+          kind: "encoder_decoder" (:class:`Transformer`) or "lm" (:class:`TransformerLM`).
+        """
+        D, F, V, H = self.d_model, self.d_ff, self.vocab_size, self.head_dim
+        q = D * self.num_heads * H + self.num_heads * H
+        kv = 2 * (D * self.num_kv_heads * H + self.num_kv_heads * H)
+        attn = q + kv + self.num_heads * H * D + D
+        ffn = D * F + F + F * D + D
+        ln = 2 * D
+        enc_layer = attn + ffn + 2 * ln
+        dec_layer = 2 * attn + ffn + 3 * ln
+        final_ln = ln if self.norm == "pre" else 0  # pre-LN ends each stack with a LayerNorm
+        pos = self.max_len * D if self.positions == "learned" else 0
+        if kind == "lm":
+            embed = V * D + (0 if self.share_embeddings else D * V + V)
+            # An LM block is an encoder block: causal self-attention and a feed-forward network.
+            return embed + pos + self.num_decoder_layers * enc_layer + final_ln
+        if kind != "encoder_decoder":
+            raise ValueError(f"kind must be 'encoder_decoder' or 'lm', got {kind!r}")
+        # Unshared: separate source and target embeddings plus an output projection with bias.
+        embed = V * D if self.share_embeddings else 2 * V * D + D * V + V
+        return (embed + pos + self.num_encoder_layers * enc_layer
+                + self.num_decoder_layers * dec_layer + 2 * final_ln)
+
+    # ---- serialisation ------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Table 3, row "base": N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1. vocab_size is a
+    # placeholder for the ~37k shared BPE vocabulary of §5.1; set it with dataclasses.replace.
+    "paper-base": ModelConfig(
+        vocab_size=37000, d_model=512, num_heads=8, num_encoder_layers=6,
+        num_decoder_layers=6, d_ff=2048, dropout_rate=0.1, max_len=512,
+    ),
+    # Table 3, row "big": d_model=1024, d_ff=4096, h=16, P_drop=0.3.
+    "paper-big": ModelConfig(
+        vocab_size=37000, d_model=1024, num_heads=16, num_encoder_layers=6,
+        num_decoder_layers=6, d_ff=4096, dropout_rate=0.3, max_len=512,
+    ),
+    # GPT-2 small (Radford et al. 2019): 12 layers, 768 wide, 12 heads, 1024 context, pre-LN,
+    # learned positions, GELU, tied output embedding, 50257 BPE tokens.
+    "gpt2-small": ModelConfig(
+        vocab_size=50257, d_model=768, num_heads=12, num_encoder_layers=0,
+        num_decoder_layers=12, d_ff=3072, dropout_rate=0.1, max_len=1024, norm="pre",
+        positions="learned", activation="gelu", share_embeddings=True,
+    ),
+    # The default training run: a byte-level (V=256) LM sized for ~4 minutes on 2 CPU cores.
+    "cpu-lm": ModelConfig(
+        vocab_size=256, d_model=256, num_heads=4, num_encoder_layers=0,
+        num_decoder_layers=4, d_ff=1024, dropout_rate=0.0, max_len=256, norm="pre",
+        positions="learned", activation="gelu", share_embeddings=True,
+    ),
+    # For tests: compiles in seconds.
+    "tiny": ModelConfig(
+        vocab_size=256, d_model=32, num_heads=2, num_encoder_layers=2,
+        num_decoder_layers=2, d_ff=64, dropout_rate=0.0, max_len=64,
+    ),
+}
+
+
+# ---- training -----------------------------------------------------------------------------
+
+__all__ += ["TrainConfig"]
+
+ModelName = Literal["transformer", "lstm", "gru"]
+Optimizer = Literal["adamw", "adam"]
+Schedule = Literal["cosine", "paper", "constant"]
+ParallelMode = Literal["auto", "pmap", "none"]
+
+_TRAIN_CHOICES = {
+    "model": typing.get_args(ModelName),
+    "optimizer": typing.get_args(Optimizer),
+    "schedule": typing.get_args(Schedule),
+    "parallel": typing.get_args(ParallelMode),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Settings of a language-model training run (:func:`transformer_jax.loop.run`).
+
+    The defaults are the ``python train.py`` run (with the "cpu-lm" model preset): a byte-level
+    LM on the embedded corpus that trains in a few minutes on 2 CPU cores.
+
+    Attributes:
+      model: model family: "transformer" (:class:`~transformer_jax.model.TransformerLM`), or
+        the recurrent baselines "lstm" / "gru" (:mod:`transformer_jax.rnn`).
+      data: text files or folders; empty means the embedded corpus (``pydoc_data.topics``).
+      val_fraction: share of each file's bytes (its end) held out for validation.
+      out: the run directory (config, metrics, checkpoints, samples); re-using it resumes.
+      seed: root of all randomness: parameters, dropout and the data order.
+      steps: optimizer steps to train for (the schedule's length).
+      batch_size: global batch B (sequences per optimizer step, over all devices and
+        accumulation micro-batches).
+      seq_len: T, tokens per training sequence.
+      grad_accum: micro-batches per optimizer step; gradients are averaged over them.
+      optimizer: "adamw" (decoupled weight decay, Loshchilov & Hutter) or "adam": the paper's
+        Adam with β1 = 0.9, β2 = 0.98, ε = 1e-9 (§5.3) and no weight decay.
+      lr: peak learning rate ("cosine", "constant"); unused by "paper".
+      min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio`` at ``steps``.
+      schedule: "cosine" (linear warmup, cosine decay), "constant" (linear warmup), or "paper":
+        d_model^-0.5 · min(step^-0.5, step · warmup^-1.5) (§5.3).
+      warmup: warmup steps.
+      b1: AdamW β1.
+      b2: AdamW β2.
+      eps: AdamW ε.
+      weight_decay: AdamW decoupled weight decay on matrices and embeddings (not biases or
+        LayerNorm scales).
+      grad_clip: clip gradients to this global norm; 0 disables clipping.
+      label_smoothing: ε_ls of the training loss (§5.4 uses 0.1); evaluation never smooths.
+      log_every: steps between metric lines (and progress-bar updates of loss and tokens/s).
+      eval_every: steps between validation passes (the last step is always evaluated).
+      ckpt_every: steps between checkpoints (the last step is always saved).
+      steps_per_call: optimizer steps run by one compiled call (a ``lax.scan``); fewer
+        dispatches, identical per-step semantics. Checkpoints fall on multiples of it when the
+        intervals above are multiples of it.
+      parallel: "auto" (pmap over all local devices when there is more than one, else jit),
+        "pmap", or "none" (jit on one device).
+      max_to_keep: checkpoints kept on disk.
+      max_nonfinite: stop after this many consecutive steps with non-finite gradients (they are
+        skipped by ``optax.apply_if_finite`` until then).
+      eval_batch_size: windows per validation batch.
+      sample_tokens: bytes generated at the end of training (0: no sample).
+      sample_prompt: the prompt of that sample.
+      sample_temperature: its softmax temperature.
+    """
+
+    model: ModelName = "transformer"
+    data: tuple[str, ...] = ()
+    val_fraction: float = 0.1
+    out: str = "runs/cpu-lm"
+    seed: int = 0
+    steps: int = 2000
+    batch_size: int = 12
+    seq_len: int = 64
+    grad_accum: int = 1
+    optimizer: Optimizer = "adamw"
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    schedule: Schedule = "cosine"
+    warmup: int = 100
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    log_every: int = 50
+    eval_every: int = 500
+    ckpt_every: int = 500
+    steps_per_call: int = 10
+    parallel: ParallelMode = "auto"
+    max_to_keep: int = 3
+    max_nonfinite: int = 5
+    eval_batch_size: int = 64
+    sample_tokens: int = 200
+    sample_prompt: str = "The "
+    sample_temperature: float = 0.8
+
+    def __post_init__(self):
+        object.__setattr__(self, "data", tuple(str(p) for p in self.data))
+        for name, allowed in _TRAIN_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
+                     "ckpt_every", "steps_per_call", "max_to_keep", "max_nonfinite",
+                     "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("seed", "warmup", "sample_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by "
+                             f"grad_accum={self.grad_accum}")
+        if self.schedule == "paper" and self.warmup == 0:
+            raise ValueError("the paper schedule needs warmup > 0 (§5.3 uses 4000)")
+        checks = {
+            "val_fraction": 0.0 < self.val_fraction < 1.0,
+            "lr": self.lr > 0.0,
+            "min_lr_ratio": 0.0 <= self.min_lr_ratio <= 1.0,
+            "b1": 0.0 <= self.b1 < 1.0,
+            "b2": 0.0 <= self.b2 < 1.0,
+            "eps": self.eps > 0.0,
+            "weight_decay": self.weight_decay >= 0.0,
+            "grad_clip": self.grad_clip >= 0.0,
+            "label_smoothing": 0.0 <= self.label_smoothing < 1.0,
+            "sample_temperature": self.sample_temperature > 0.0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field (``data`` as a list)."""
+        d = dataclasses.asdict(self)
+        d["data"] = list(self.data)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
+        return cls(**d)
