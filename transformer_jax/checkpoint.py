@@ -1,0 +1,178 @@
+"""Checkpoints: a small wrapper around orbax's ``CheckpointManager``.
+
+Each step folder holds two items: ``state`` (the train state, ``StandardSave``) and ``meta``
+(small JSON: configs, the data position, wall time; ``JsonSave``). Saves are asynchronous:
+the state is copied to host memory first (so the caller may donate or overwrite its device
+buffers right away) and written in the background; :meth:`Checkpointer.close` waits for it.
+
+Reliability (REFERENCE.md, orbax-checkpoint 0.12.8):
+
+* A save killed mid-way leaves ``<step>.orbax-checkpoint-tmp*``, which orbax ignores and
+  (``cleanup_tmp_directories=True``) removes on the next start.
+* A step folder that is listed but cannot be restored (copied partially, made by hand, a
+  truncated file) makes :meth:`Checkpointer.restore` warn and fall back to the previous step.
+  The bad folder is renamed ``<step>.unrestorable``, so the run can save that step again.
+* ``sys.exit`` right after an async save would lose it: use the checkpointer as a context
+  manager (or call :meth:`Checkpointer.close` in a ``finally``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Self
+
+import jax
+import orbax.checkpoint as ocp
+
+__all__ = ["CheckpointError", "Checkpointer", "Restored"]
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run directory can be restored."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A restored checkpoint: its step, the state (like the abstract target) and the metadata."""
+
+    step: int
+    state: Any
+    meta: dict[str, Any]
+
+
+class Checkpointer:
+    """Save and restore train states under one directory.
+
+    Args:
+      directory: where the step folders live (created if missing).
+      max_to_keep: keep only the newest this many checkpoints (older ones are deleted).
+      async_save: write in a background thread (the host copy is still made synchronously).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
+                 async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        self._options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # leftovers of a save that was killed
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+
+    # ---- queries ------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Steps with a (completed) checkpoint folder, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest checkpointed step, or ``None``."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    # ---- save / restore -----------------------------------------------------------------
+
+    def save(self, step: int, state: Any, meta: dict[str, Any] | None = None) -> bool:
+        """Start saving ``state`` (any pytree of arrays) and ``meta`` as checkpoint ``step``.
+
+        The arrays are fetched to host memory before this returns; the write continues in the
+        background. Returns ``False`` (and saves nothing) if ``step`` is already saved.
+        """
+        if step in self.all_steps():
+            return False
+        host_state = jax.device_get(state)  # a copy the caller's donated buffers cannot touch
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(host_state),
+                meta=ocp.args.JsonSave(dict(meta or {})),
+            ),
+            force=True,  # we decide when to save; bypass the manager's interval policy
+        )
+        return True
+
+    def restore(self, abstract_state: Any, *, step: int | None = None) -> Restored | None:
+        """Restore the newest restorable checkpoint (or exactly ``step``).
+
+        Args:
+          abstract_state: a pytree like the saved state whose leaves are
+            ``jax.ShapeDtypeStruct`` (with shardings: where the arrays should live) or arrays.
+          step: restore this step only (no fallback); ``None``: the newest that restores.
+
+        Returns:
+          The :class:`Restored` checkpoint, or ``None`` when the directory holds none.
+
+        Raises:
+          CheckpointError: checkpoints exist but none of them (or not ``step``) can be restored.
+        """
+        self.wait()
+        candidates = [step] if step is not None else self.all_steps()[::-1]
+        if not candidates:
+            return None
+        failures, failed_steps = [], []
+        for s in candidates:
+            try:
+                restored = self._manager.restore(
+                    s,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        meta=ocp.args.JsonRestore(),
+                    ),
+                )
+            except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                failures.append(f"step {s} ({reason})")
+                failed_steps.append(s)
+                if step is not None:
+                    break
+                warnings.warn(
+                    f"checkpoint step {s} in {self.directory} cannot be restored ({reason}); "
+                    "falling back to the previous checkpoint",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                continue
+            if failed_steps and step is None:
+                self._set_aside(failed_steps)
+            return Restored(step=s, state=restored.state, meta=dict(restored.meta or {}))
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} can be restored: {'; '.join(failures)}. "
+            "Remove or move the folder, or train into another --out directory."
+        )
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Rename unrestorable step folders so that later saves of those steps are possible."""
+        for s in steps:
+            src = self.directory / str(s)
+            if src.is_dir():
+                dst = self.directory / f"{s}.unrestorable"
+                n = 1
+                while dst.exists():
+                    dst, n = self.directory / f"{s}.unrestorable.{n}", n + 1
+                src.rename(dst)
+                warnings.warn(f"moved unrestorable checkpoint {src} to {dst}", RuntimeWarning,
+                              stacklevel=3)
+        self._manager.close()  # the manager caches the step list: start a fresh one
+        self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+
+    # ---- lifetime -----------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Block until background saves have finished."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager."""
+        try:
+            self._manager.wait_until_finished()
+        finally:
+            self._manager.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

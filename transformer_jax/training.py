@@ -1,0 +1,288 @@
+"""Training pieces: the train state, loss, optimizer and the pure train/eval steps.
+
+* :class:`TrainState`: params, optimizer state, step, and the dropout root key.
+* :func:`cross_entropy`: token cross-entropy with optional label smoothing (§5.4), ignoring
+  padding (targets equal to :data:`transformer_jax.data.IGNORE`).
+* :func:`make_optimizer`: AdamW (or the paper's Adam, §5.3) behind global-norm clipping, wrapped
+  in ``optax.apply_if_finite`` so a non-finite gradient skips the update.
+* :func:`train_step`: one optimizer step, pure: ``(state, batch) -> (state, metrics)``, with
+  gradient accumulation and, under ``pmap``, ``lax.pmean`` of gradients and metrics;
+  :func:`train_steps` runs several of them in one ``lax.scan`` (one dispatch, same semantics).
+* :func:`eval_step`: summed validation NLL and token count of one batch.
+
+The loop that drives them (data, checkpoints, metrics, SIGTERM) is :func:`transformer_jax.loop.run`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from transformer_jax.config import ModelConfig, TrainConfig
+from transformer_jax.data import IGNORE
+
+__all__ = [
+    "MODELS",
+    "TrainState",
+    "build_model",
+    "cross_entropy",
+    "eval_step",
+    "init_state",
+    "make_optimizer",
+    "make_schedule",
+    "model_flops_per_token",
+    "train_step",
+    "train_steps",
+]
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training; a pytree (checkpointed as a whole).
+
+    Attributes:
+      step: int32 scalar, optimizer steps taken (skipped non-finite steps count too: the data
+        order follows it).
+      params: the model parameters.
+      opt_state: the optimizer state (``optax.apply_if_finite`` around the chain).
+      rng: the dropout root key (raw uint32 [2]); step ``s`` uses ``fold_in(rng, s)``.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def _transformer_lm(cfg: ModelConfig) -> nn.Module:
+    from transformer_jax.model import TransformerLM
+
+    return TransformerLM(cfg)
+
+
+def _rnn_lm(cell_type: str) -> Callable[[ModelConfig], nn.Module]:
+    def build(cfg: ModelConfig) -> nn.Module:
+        from transformer_jax.rnn import RNNLM
+
+        return RNNLM(cfg, cell_type=cell_type)
+
+    return build
+
+
+MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "transformer": _transformer_lm,
+    "lstm": _rnn_lm("lstm"),  # the recurrent baselines: same data, step and loop
+    "gru": _rnn_lm("gru"),
+}
+"""``--model`` name -> constructor of a module ``(tokens[B, T], *, deterministic) -> [B, T, V]``."""
+
+
+def build_model(name: str, cfg: ModelConfig) -> nn.Module:
+    """The language model ``name`` (a key of :data:`MODELS`) for ``cfg``."""
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+    return MODELS[name](cfg)
+
+
+def model_flops_per_token(params: Any, cfg: ModelConfig, seq_len: int,
+                          model: str = "transformer") -> float:
+    """Training FLOPs per token: 6·N + 12·L·T·D for a :class:`TransformerLM`'s ``params``.
+
+    N leaves out the position table (a lookup, no matmul); the tied embedding counts once, as
+    the output projection. The recurrent baselines count their gate matmuls
+    (:func:`transformer_jax.rnn.rnn_flops_per_token`).
+    """
+    from transformer_jax.metrics import flops_per_token
+
+    if model in ("lstm", "gru"):
+        from transformer_jax.rnn import rnn_flops_per_token
+
+        return rnn_flops_per_token(cfg, model)
+
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    n = sum(int(np.prod(x.shape)) for path, x in flat
+            if "pos_embed" not in jax.tree_util.keystr(path))
+    return flops_per_token(n_params=n, n_layers=cfg.num_decoder_layers, seq_len=seq_len,
+                           d_model=cfg.d_model)
+
+
+def make_schedule(tc: TrainConfig, d_model: int) -> optax.Schedule:
+    """Learning rate as a function of the optimizer's update count (0-based).
+
+    "cosine": linear warmup to ``lr`` over ``warmup`` steps, then cosine decay to
+    ``lr · min_lr_ratio`` at ``steps``. "constant": warmup, then ``lr``. "paper" (§5.3):
+    d_model^-0.5 · min(s^-0.5, s · warmup^-1.5) with s = count + 1 (the paper counts from 1).
+    """
+    warmup, lr = tc.warmup, tc.lr
+
+    def warm(s):  # the first update already uses lr / warmup, not 0
+        return jnp.minimum(1.0, s / warmup) if warmup else jnp.ones_like(s)
+
+    def schedule(count):
+        s = jnp.asarray(count, jnp.float32) + 1.0
+        if tc.schedule == "paper":
+            return d_model**-0.5 * jnp.minimum(s**-0.5, s * warmup**-1.5)
+        if tc.schedule == "constant":
+            return lr * warm(s)
+        frac = jnp.clip((s - warmup) / max(tc.steps - warmup, 1), 0.0, 1.0)
+        cosine = tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
+        return lr * jnp.where(s <= warmup, warm(s), cosine)
+
+    return schedule
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on matrices and embeddings only (not biases or LayerNorm scales)."""
+    def decays(path, _):
+        name = getattr(path[-1], "key", str(path[-1]))
+        return name in ("kernel", "embedding", "pos_embed")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(tc: TrainConfig, d_model: int) -> optax.GradientTransformation:
+    """Global-norm clipping -> AdamW (or §5.3 Adam), skipping non-finite updates.
+
+    ``optax.apply_if_finite`` applies the update anyway after ``max_consecutive_errors``
+    non-finite ones; the loop stops at ``tc.max_nonfinite`` and sees the counter at most two
+    dispatches late, so the optax limit is set beyond what the loop can miss.
+    """
+    schedule = make_schedule(tc, d_model)
+    if tc.optimizer == "adam":
+        inner = optax.adam(schedule, b1=0.9, b2=0.98, eps=1e-9)  # §5.3
+    else:
+        inner = optax.adamw(schedule, b1=tc.b1, b2=tc.b2, eps=tc.eps,
+                            weight_decay=tc.weight_decay, mask=_decay_mask)
+    chain = optax.chain(optax.clip_by_global_norm(tc.grad_clip), inner) if tc.grad_clip else inner
+    return optax.apply_if_finite(chain, tc.max_nonfinite + 2 * tc.steps_per_call + 1)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, *,
+                  label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Summed token cross-entropy (nats) and the number of real (non-padding) targets.
+
+    With label smoothing ε (§5.4) the target distribution is (1 - ε)·onehot + ε / V.
+
+    Args:
+      logits: [B, T, V] (any float dtype; computed in float32).
+      targets: [B, T] int; positions equal to ``IGNORE`` (-1) get zero weight.
+      label_smoothing: ε in [0, 1).
+
+    Returns:
+      (sum of losses over real targets, number of real targets), float32 scalars.
+    """
+    logits = logits.astype(jnp.float32)
+    weights = (targets != IGNORE).astype(jnp.float32)
+    safe = jnp.where(targets == IGNORE, 0, targets)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    nll = log_z - jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    if label_smoothing:
+        uniform = log_z - jnp.mean(logits, axis=-1)  # cross-entropy against the uniform target
+        nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, *, seed: int,
+               seq_len: int) -> TrainState:
+    """A fresh state: params from ``fold_in(PRNGKey(seed), 0)``, dropout root from ``..., 1``.
+
+    Compiled once per (model, optimizer, seq_len); the seed is a traced argument.
+    """
+    return _init_state(model, tx, seq_len, jnp.asarray(seed, jnp.uint32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _init_state(model, tx, seq_len, seed):
+    root = jax.random.PRNGKey(seed)
+    params_key, dropout_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+    params = model.init(params_key, jnp.zeros((1, seq_len), jnp.int32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=dropout_key)
+
+
+def _inputs(batch: jax.Array) -> jax.Array:
+    """Model inputs [B, T] of a [B, T + 1] batch; padding (IGNORE) becomes the valid id 0."""
+    return jnp.maximum(batch[:, :-1], 0)
+
+
+def _mean_loss_and_grads(apply_fn, params, batch, key, *, label_smoothing, dropout):
+    """(mean loss over real targets, gradients) of one [b, T + 1] batch."""
+    def loss_fn(p):
+        logits = apply_fn({"params": p}, _inputs(batch), deterministic=not dropout,
+                          rngs={"dropout": key})
+        total, count = cross_entropy(logits, batch[:, 1:], label_smoothing=label_smoothing)
+        return total / jnp.maximum(count, 1.0)
+
+    return jax.value_and_grad(loss_fn)(params)
+
+
+def train_step(state: TrainState, batch: jax.Array, *, apply_fn: Callable[..., Any],
+               tx: optax.GradientTransformation, label_smoothing: float = 0.0,
+               grad_accum: int = 1, dropout: bool = False,
+               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on one batch: pure, so it runs under jit, pmap or scan alike.
+
+    Args:
+      state: the current :class:`TrainState`.
+      batch: [B, T + 1] int32 (this device's share of the global batch under pmap).
+      apply_fn: the model's ``apply``.
+      tx: the optimizer from :func:`make_optimizer`.
+      label_smoothing: ε of the loss (§5.4).
+      grad_accum: split ``batch`` into this many micro-batches, one forward/backward each.
+      dropout: run the model in training mode (needs ``dropout_rate > 0`` to matter).
+      axis_name: the pmapped axis to average gradients and metrics over; ``None`` under jit.
+
+    Returns:
+      (new state, metrics): ``loss`` (mean training loss), ``grad_norm`` (global norm before
+      clipping) and ``nonfinite`` (consecutive non-finite steps, from ``apply_if_finite``).
+    """
+    key = jax.random.fold_in(state.rng, state.step)  # per-step dropout randomness
+    if axis_name is not None:  # different dropout masks on different devices
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    grads_of = functools.partial(_mean_loss_and_grads, apply_fn, label_smoothing=label_smoothing,
+                                 dropout=dropout)
+    if grad_accum == 1:
+        loss, grads = grads_of(state.params, batch, key)
+    else:
+        micro = batch.reshape(grad_accum, batch.shape[0] // grad_accum, batch.shape[1])
+
+        def accumulate(carry, xs):
+            mb, i = xs
+            loss_i, grads_i = grads_of(state.params, mb, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
+        loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+    if axis_name is not None:  # data parallelism: every replica applies the same mean gradient
+        loss, grads = jax.lax.pmean((loss, grads), axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "nonfinite": opt_state.notfinite_count}
+    return new_state, metrics
+
+
+def train_steps(state: TrainState, batches: jax.Array, **step_kwargs) -> tuple[TrainState, Any]:
+    """:func:`train_step` over ``batches[k, B, T + 1]`` in one ``lax.scan``: k steps, one call.
+
+    Returns:
+      (state after k steps, metrics with a leading [k] axis).
+    """
+    return jax.lax.scan(functools.partial(train_step, **step_kwargs), state, batches)
+
+
+def eval_step(params: Any, batch: jax.Array, *,
+              apply_fn: Callable[..., Any]) -> tuple[jax.Array, jax.Array]:
+    """Summed validation NLL (nats, no smoothing) and real-target count of a [B, T + 1] batch."""
+    logits = apply_fn({"params": params}, _inputs(batch), deterministic=True)
+    return cross_entropy(logits, batch[:, 1:])
