@@ -300,7 +300,9 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
                     losses = np.concatenate([m["loss"] for m in interval])
                     record = {"step": step, "loss": float(losses.mean()),
                               "lr": float(schedule(step - 1)), "tokens_per_s": tok_s,
-                              "mfu": None if tok_s is None else tok_s * fns.flops_per_token / peak}
+                              "mfu": None if tok_s is None else tok_s * fns.flops_per_token / peak,
+                              # wall seconds since this process started (x axis of curves)
+                              "time_s": now - t_start}
                     interval.clear()
                     if do_eval:
                         val_loss = _validate(fns, unrep_params(), corpus.val, tc)
