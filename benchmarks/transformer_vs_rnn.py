@@ -5,7 +5,7 @@ steps, a recurrent layer O(n·d²) work in O(n) sequential steps. This script me
 means for our code on the machine at hand. Per model (TransformerLM, LSTMLM, GRULM), parameter
 budget (~1M, ~3M, ~10M, the RNN width matched to the Transformer's count) and length T:
 
-  * ``train``    — tokens/s of a full optimizer step (AdamW, cross-entropy), batch 16
+  * ``train``    — tokens/s of train.py's optimizer step (``training.train_step``), batch 16
   * ``forward``  — tokens/s of a forward pass, batch 16 and batch 1 (its latency in ms)
   * ``generate`` — tokens/s of autoregressive sampling, batch 1 (KV cache vs recurrent state)
 
@@ -25,14 +25,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe_machine, markdown_table, time_round_robin, write_results  # noqa: E402
 
-from transformer_jax import decoding, rnn  # noqa: E402
-from transformer_jax.config import ModelConfig  # noqa: E402
-from transformer_jax.model import TransformerLM  # noqa: E402
+from transformer_jax import decoding, rnn, training  # noqa: E402
+from transformer_jax.config import ModelConfig, TrainConfig  # noqa: E402
+from transformer_jax.model import TransformerLM, count_params  # noqa: E402
 
 VOCAB = 256
 # Transformer shapes per budget (pre-LN, sinusoidal positions so the count does not depend on
@@ -52,29 +51,29 @@ def transformer_config(budget: str, max_len: int) -> ModelConfig:
                        share_embeddings=True)
 
 
-def count_params(model, cfg) -> int:
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                               jnp.zeros((1, 8), jnp.int32)))
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(shapes))
+def num_params(model) -> int:
+    return count_params(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                          jnp.zeros((1, 8), jnp.int32))))
 
 
 def build_models(budget: str, max_len: int, cells) -> dict:
     """name -> (flax module, config, params count), RNN widths matched to the Transformer."""
     cfg = transformer_config(budget, max_len)
     models = {"transformer": (TransformerLM(cfg), cfg)}
-    n = count_params(*models["transformer"])
+    n = num_params(models["transformer"][0])
     for cell in cells:
         rcfg = rnn.match_rnn_width(n, cell_type=cell, num_layers=RNN_LAYERS, vocab_size=VOCAB)
         models[cell] = (rnn.RNNLM(rcfg, cell), rcfg)
-    return {k: (m, c, count_params(m, c)) for k, (m, c) in models.items()}
+    return {k: (m, c, num_params(m)) for k, (m, c) in models.items()}
 
 
-def flops_per_token(name: str, cfg: ModelConfig, params: int, T: int, mode: str) -> float:
-    """Model FLOPs per token: 6N + 12·L·T·D training, 2N + 4·L·T·D forward (REFERENCE.md)."""
-    if name == "transformer":
-        attn = 4 * cfg.num_decoder_layers * T * cfg.d_model
-        return float(3 * (2 * params + attn) if mode == "train" else 2 * params + attn)
-    return rnn.rnn_flops_per_token(cfg, name, training=mode == "train")
+def flops_per_token(name: str, model, cfg: ModelConfig, T: int, mode: str) -> float:
+    """Model FLOPs per token as train.py counts them (6N + 12·L·T·D, or the RNN's gate
+    matmuls); a forward pass is a third of a training step."""
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, 8), jnp.int32)))["params"]
+    train = training.model_flops_per_token(params, cfg, T, name)
+    return train if mode == "train" else train / 3
 
 
 def sequential_steps(name: str, cfg: ModelConfig, T: int, mode: str, new_tokens: int) -> int:
@@ -85,7 +84,7 @@ def sequential_steps(name: str, cfg: ModelConfig, T: int, mode: str, new_tokens:
     return layers if name == "transformer" else layers * T  # the RNN scans each layer over T
 
 
-def make_call(name, model, params, mode, B, T, new_tokens):
+def make_call(name, model, cfg, params, mode, B, T, new_tokens):
     """A zero-argument callable running one measured unit of work."""
     tokens = jax.random.randint(jax.random.PRNGKey(T), (B, T), 0, VOCAB)
     if mode == "forward":
@@ -96,24 +95,17 @@ def make_call(name, model, params, mode, B, T, new_tokens):
         gen = decoding.generate if name == "transformer" else rnn.generate
         return functools.partial(gen, model, params, prompt, new_tokens,
                                  rng=jax.random.PRNGKey(0), temperature=1.0)
-    opt = optax.adamw(1e-3)
-
-    def loss_fn(p, x):
-        logits = model.apply({"params": p}, x[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(p, s, x):
-        loss, g = jax.value_and_grad(loss_fn)(p, x)
-        updates, s = opt.update(g, s, p)
-        return optax.apply_updates(p, updates), s, loss
-
-    state = {"p": params, "s": opt.init(params)}
+    # The step train.py runs: AdamW + clipping inside apply_if_finite, state donated.
+    tc = TrainConfig(model=name, steps=1000, batch_size=B, seq_len=T, lr=1e-3)
+    tx = training.make_optimizer(tc, cfg.d_model)
+    step = jax.jit(functools.partial(training.train_step, apply_fn=model.apply, tx=tx),
+                   donate_argnums=0)
+    state = {"s": training.init_state(model, tx, seed=0, seq_len=T)}
     batch = jax.random.randint(jax.random.PRNGKey(T), (B, T + 1), 0, VOCAB)
 
     def run():
-        state["p"], state["s"], loss = step(state["p"], state["s"], batch)
-        return loss
+        state["s"], metrics = step(state["s"], batch)
+        return metrics["loss"]
 
     return run
 
@@ -145,13 +137,14 @@ def measure(points, repeats: int, on_cpu: bool):
         fns, meta = {}, {}
         for name in names:
             model, cfg, n = models[name]
-            flops = flops_per_token(name, cfg, n,
+            flops = flops_per_token(name, model, cfg,
                                     PROMPT + new_tokens // 2 if mode == "generate" else T, mode)
             if on_cpu and flops * B * T > CPU_MAX_STEP_FLOPS:
                 print(f"skip {name} {budget} T={T} {mode} B={B} (too slow for a CPU)")
                 continue
-            params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-            fns[name] = make_call(name, model, params, mode, B, T, new_tokens)
+            params = None if mode == "train" else model.init(  # train builds its own state
+                jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+            fns[name] = make_call(name, model, cfg, params, mode, B, T, new_tokens)
             meta[name] = (cfg, n, flops)
         if not fns:
             continue

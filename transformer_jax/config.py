@@ -23,6 +23,14 @@ Activation = Literal["relu", "gelu"]
 AttentionImpl = Literal["auto", "exact", "blockwise"]
 ModelKind = Literal["encoder_decoder", "lm"]
 
+def _from_dict(cls, d: dict[str, Any]):
+    """``cls(**d)`` for a config dataclass, naming any keys that are not its fields."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**d)
+
+
 _CHOICES = {  # field -> allowed values, checked once in __post_init__
     "norm": typing.get_args(Norm),
     "positions": typing.get_args(Positions),
@@ -176,11 +184,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return _from_dict(cls, d)
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -365,8 +369,4 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return _from_dict(cls, d)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from transformer_jax.config import ModelConfig
 from transformer_jax.decoding import sample_logits
+from transformer_jax.model import count_params
 
 __all__ = ["GRULM", "LSTMLM", "RNNLM", "generate", "match_rnn_width", "rnn_flops_per_token"]
 
@@ -108,10 +109,9 @@ class GRULM(RNNLM):
 
 
 def _num_params(cfg: ModelConfig, cell_type: CellType) -> int:
-    shapes = jax.eval_shape(
+    return count_params(jax.eval_shape(
         lambda: RNNLM(cfg, cell_type).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
-    )
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(shapes))
+    ))
 
 
 def match_rnn_width(target_params: int, *, cell_type: CellType = "lstm", num_layers: int = 2,
