@@ -254,17 +254,27 @@ def scaled_dot_product_attention(
         block_q=bq,
         block_k=bk,
     )
-    G = N // K
-    q = query.reshape(T, K, G, H).transpose(1, 2, 0, 3)  # [K, G, T, H]
+    return _attend(spec, _resolve(implementation, T, S), query, key, value, bias, mask,
+                   query_seq_length, key_value_seq_length)
+
+
+def _attend(spec, implementation, query, key, value, bias, mask, q_len, kv_len):
+    """One validated example: [T, N, H] output, or [N, T, S] probabilities when
+    ``implementation == "weights"`` (then ``value`` is unused)."""
+    T, N, H = query.shape
+    S, K = key.shape[0], key.shape[1]
+    q = query.reshape(T, K, N // K, H).transpose(1, 2, 0, 3)  # [K, G, T, H]
     k = jnp.asarray(key).transpose(1, 0, 2)  # [K, S, H]
-    v = jnp.asarray(value).transpose(1, 0, 2)
     bias4, mask4 = _to_grouped(bias, N, K), _to_grouped(mask, N, K)
-    q_len = None if query_seq_length is None else jnp.clip(query_seq_length, 0, T)
-    kv_len = None if key_value_seq_length is None else jnp.clip(key_value_seq_length, 0, S)
-    if _resolve(implementation, T, S) == "exact":
-        out = kernels.exact(spec, q, k, v, bias4, mask4, q_len, kv_len)
-    else:
-        out = kernels.blockwise(spec, q, k, v, bias4, mask4, q_len, kv_len)
+    q_len = None if q_len is None else jnp.clip(q_len, 0, T)
+    kv_len = None if kv_len is None else jnp.clip(kv_len, 0, S)
+    if implementation == "weights":  # the values do not enter the probabilities
+        w = kernels.exact(spec, q, k, jnp.zeros_like(k), bias4, mask4, q_len, kv_len,
+                          return_weights=True)
+        return w.reshape(N, T, S)
+    v = jnp.asarray(value).transpose(1, 0, 2)
+    kernel = kernels.exact if implementation == "exact" else kernels.blockwise
+    out = kernel(spec, q, k, v, bias4, mask4, q_len, kv_len)
     return out.transpose(2, 0, 1, 3).reshape(T, N, H).astype(query.dtype)
 
 
@@ -368,8 +378,7 @@ def dot_product_attention(
 @functools.partial(jax.jit, static_argnames=("scale", "is_causal", "local_window_size"))
 def _batched_weights(query, key, bias, mask, q_lens, kv_lens, *, scale, is_causal,
                      local_window_size):
-    B, T, N, H = query.shape
-    S, K = key.shape[1], key.shape[2]
+    B, H = query.shape[0], query.shape[3]
     bias, bias_axis = _batch_axis(bias, B)
     mask, mask_axis = _batch_axis(mask, B)
     spec = kernels.Spec(
@@ -381,14 +390,7 @@ def _batched_weights(query, key, bias, mask, q_lens, kv_lens, *, scale, is_causa
     )
 
     def one(q, k, b, m, ql, kl):
-        q = q.reshape(T, K, N // K, H).transpose(1, 2, 0, 3)
-        k = k.transpose(1, 0, 2)
-        v = jnp.zeros_like(k)  # values do not affect the probabilities
-        ql = None if ql is None else jnp.clip(ql, 0, T)
-        kl = None if kl is None else jnp.clip(kl, 0, S)
-        w = kernels.exact(spec, q, k, v, _to_grouped(b, N, K), _to_grouped(m, N, K), ql, kl,
-                   return_weights=True)
-        return w.reshape(N, T, S)
+        return _attend(spec, "weights", q, k, None, b, m, ql, kl)
 
     axes = (0, 0, bias_axis, mask_axis, None if q_lens is None else 0,
             None if kv_lens is None else 0)
