@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +81,7 @@ def row_chunks(spec: Spec, T: int, S: int) -> list[tuple[int, int, int, int]]:
     n = max(n, 1)
     bounds = [round(i * T / n) for i in range(n + 1)]
     chunks = []
-    for r0, r1 in zip(bounds[:-1], bounds[1:]):
+    for r0, r1 in itertools.pairwise(bounds):
         c0, c1 = 0, S
         if spec.is_causal:
             c1 = min(c1, r1)  # the chunk's last query (r1 - 1) sees keys < r1
@@ -180,14 +181,67 @@ def query_block_range(spec: Spec, j, nq: int, q_len, kv_len):
     return jnp.clip(lo, 0, nq), jnp.clip(jnp.maximum(lo, hi), 0, nq)
 
 
-def _block_logits(spec, q_i, k_j, bias, mask, q_len, kv_len, i, j):
-    """Masked float32 logits [K, G, bq, bk] of query block i against key block j."""
+def _ceil_div(a, b: int):
+    return -((-a) // b)
+
+
+def full_key_blocks(spec: Spec, i, lo, hi, q_len, kv_len, has_mask: bool):
+    """[a, b) within [lo, hi): key blocks that every query of block i may see entirely.
+
+    Those need no mask (no iota, compare or select per score), which is most of the
+    elementwise work of a block on a CPU; only the blocks at the edges of the causal triangle,
+    the window or the padding take the masked path.
+    """
+    if has_mask:  # an arbitrary boolean mask may hide anything
+        return lo, lo
+    bq, bk = spec.block_q, spec.block_k
+    first_row, last_row = i * bq, (i + 1) * bq - 1
+    a, b = lo, hi
+    if spec.is_causal:  # last key of the block <= first query: (j + 1)·bk - 1 <= i·bq
+        b = jnp.minimum(b, (first_row + 1) // bk)
+    if spec.window is not None:
+        left, right = spec.window
+        a = jnp.maximum(a, _ceil_div(last_row - left, bk))
+        b = jnp.minimum(b, (first_row + right + 1) // bk)
+    b = jnp.minimum(b, kv_len // bk)
+    b = jnp.where((i + 1) * bq <= q_len, b, a)
+    a = jnp.clip(a, lo, hi)
+    return a, jnp.clip(b, a, hi)
+
+
+def full_query_blocks(spec: Spec, j, lo, hi, q_len, kv_len, has_mask: bool):
+    """[a, b) within [lo, hi): query blocks that see all of key block j (for the backward)."""
+    if has_mask:
+        return lo, lo
+    bq, bk = spec.block_q, spec.block_k
+    first_col, last_col = j * bk, (j + 1) * bk - 1
+    a, b = lo, hi
+    if spec.is_causal:  # last_col <= i·bq
+        a = jnp.maximum(a, _ceil_div(last_col, bq))
+    if spec.window is not None:
+        left, right = spec.window
+        b = jnp.minimum(b, (first_col + left + 1) // bq)  # (i + 1)·bq - 1 - left <= first_col
+        a = jnp.maximum(a, _ceil_div(last_col - right, bq))  # last_col <= i·bq + right
+    b = jnp.minimum(b, q_len // bq)
+    b = jnp.where((j + 1) * bk <= kv_len, b, a)
+    a = jnp.clip(a, lo, hi)
+    return a, jnp.clip(b, a, hi)
+
+
+def _block_logits(spec, q_i, k_j, bias, mask, q_len, kv_len, i, j, masked=True):
+    """Float32 logits [K, G, bq, bk] of query block i against key block j, and where valid.
+
+    With ``masked=False`` (a block from :func:`full_key_blocks`) nothing is masked and the
+    validity is ``None``.
+    """
     bq, bk = spec.block_q, spec.block_k
     s = jnp.einsum("kgqh,kch->kgqc", q_i, k_j, preferred_element_type=jnp.float32)
     if spec.scale != 1.0:
         s = s * jnp.float32(spec.scale)
     if bias is not None:
         s = s + slice_2d(bias, i * bq, bq, j * bk, bk).astype(jnp.float32)
+    if not masked:
+        return s, None
     ok = valid(spec, i * bq, bq, j * bk, bk, q_len, kv_len)
     if mask is not None:
         ok = ok & slice_2d(mask, i * bq, bq, j * bk, bk)
@@ -202,9 +256,9 @@ def _blockwise_forward(spec, qb, kb, vb, bias, mask, q_len, kv_len):
     def query_block(i):
         q_i = qb[i]
 
-        def step(j, carry):
+        def step(j, carry, masked=True):
             m, l, acc = carry
-            s, _ = _block_logits(spec, q_i, kb[j], bias, mask, q_len, kv_len, i, j)
+            s, _ = _block_logits(spec, q_i, kb[j], bias, mask, q_len, kv_len, i, j, masked)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
             p = jnp.exp(s - m_safe[..., None])
@@ -221,7 +275,10 @@ def _blockwise_forward(spec, qb, kb, vb, bias, mask, q_len, kv_len):
             jnp.zeros((Kh, G, bq, H), jnp.float32),
         )
         lo, hi = key_block_range(spec, i, nk, q_len, kv_len)
-        m, l, acc = jax.lax.fori_loop(lo, hi, step, init)
+        a, b = full_key_blocks(spec, i, lo, hi, q_len, kv_len, mask is not None)
+        carry = jax.lax.fori_loop(lo, a, step, init)
+        carry = jax.lax.fori_loop(a, b, functools.partial(step, masked=False), carry)
+        m, l, acc = jax.lax.fori_loop(b, hi, step, carry)
         out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
         # +inf log-sum-exp for an all-masked row makes every recomputed probability 0.
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
@@ -243,7 +300,7 @@ def _blockwise_fwd(spec, qb, kb, vb, bias, mask, q_len, kv_len):
 def _blockwise_bwd(spec, residuals, d_out):
     """FlashAttention-2 style backward: one pass over key blocks, recomputing probabilities."""
     qb, kb, vb, bias, mask, q_len, kv_len, out, lse = residuals
-    nq, Kh, G, bq, H = qb.shape
+    nq, Kh, _, bq, H = qb.shape
     nk, _, bk, _ = kb.shape
     scale = jnp.float32(spec.scale)
     d_out = d_out.astype(jnp.float32)
@@ -253,11 +310,13 @@ def _blockwise_bwd(spec, residuals, d_out):
         dq, dbias = carry
         k_j, v_j = kb[j], vb[j]
 
-        def step(i, inner):
+        def step(i, inner, masked=True):
             dq, dbias, dk_j, dv_j = inner
             q_i, do_i = qb[i], d_out[i]
-            s, ok = _block_logits(spec, q_i, k_j, bias, mask, q_len, kv_len, i, j)
-            p = jnp.where(ok, jnp.exp(s - lse[i][..., None]), 0.0)
+            s, ok = _block_logits(spec, q_i, k_j, bias, mask, q_len, kv_len, i, j, masked)
+            p = jnp.exp(s - lse[i][..., None])
+            if masked:
+                p = jnp.where(ok, p, 0.0)
             dv_j = dv_j + jnp.einsum("kgqc,kgqh->kch", p, do_i)
             dp = jnp.einsum("kgqh,kch->kgqc", do_i, v_j.astype(jnp.float32))
             ds = p * (dp - delta[i][..., None])  # d(loss)/d(logits) for this block
@@ -270,7 +329,10 @@ def _blockwise_bwd(spec, residuals, d_out):
 
         zeros_k = jnp.zeros((Kh, bk, H), jnp.float32)
         lo, hi = query_block_range(spec, j, nq, q_len, kv_len)
-        dq, dbias, dk_j, dv_j = jax.lax.fori_loop(lo, hi, step, (dq, dbias, zeros_k, zeros_k))
+        a, b = full_query_blocks(spec, j, lo, hi, q_len, kv_len, mask is not None)
+        inner = jax.lax.fori_loop(lo, a, step, (dq, dbias, zeros_k, zeros_k))
+        inner = jax.lax.fori_loop(a, b, functools.partial(step, masked=False), inner)
+        dq, dbias, dk_j, dv_j = jax.lax.fori_loop(b, hi, step, inner)
         return (dq, dbias), (dk_j, dv_j)
 
     dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)

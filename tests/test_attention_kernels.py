@@ -1,0 +1,64 @@
+"""Block bookkeeping of the blockwise kernel, checked against brute force over the mask.
+
+The blockwise path skips key blocks outside ``key_block_range`` and drops the mask inside
+``full_key_blocks``; both are pure integer arithmetic, so every (query block, key block) pair
+of random layouts is checked here against the boolean mask that ``valid`` draws.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from transformer_jax import attention_kernels as ak
+
+
+@st.composite
+def layouts(draw):
+    T, S = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    causal = draw(st.booleans())
+    window = draw(st.one_of(st.none(), st.tuples(st.integers(0, 12), st.integers(0, 12))))
+    bq, bk = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    nq, nk = -(-T // bq), -(-S // bk)
+    q_len, kv_len = draw(st.integers(0, T)), draw(st.integers(0, S))
+    spec = ak.Spec(scale=1.0, is_causal=causal, window=window, block_q=bq, block_k=bk)
+    return spec, nq, nk, q_len, kv_len
+
+
+def _block_validity(spec, nq, nk, q_len, kv_len):
+    """any/all-valid [nq, nk] of every block of the padded [nq·bq, nk·bk] score matrix."""
+    bq, bk = spec.block_q, spec.block_k
+    ok = np.asarray(ak.valid(spec, 0, nq * bq, 0, nk * bk, jnp.int32(q_len), jnp.int32(kv_len)))
+    blocks = ok.reshape(nq, bq, nk, bk)
+    return blocks.any(axis=(1, 3)), blocks.all(axis=(1, 3))
+
+
+@given(layouts())
+def test_key_blocks_visited_and_unmasked_match_brute_force(layout):
+    spec, nq, nk, q_len, kv_len = layout
+    some, full = _block_validity(spec, nq, nk, q_len, kv_len)
+    for i in range(nq):
+        lo, hi = (int(x) for x in ak.key_block_range(spec, i, nk, q_len, kv_len))
+        a, b = (int(x) for x in ak.full_key_blocks(spec, i, lo, hi, q_len, kv_len, False))
+        visited = np.zeros(nk, bool)
+        visited[lo:hi] = True
+        unmasked = np.zeros(nk, bool)
+        unmasked[a:b] = True
+        assert not (some[i] & ~visited).any(), "a block with visible keys is skipped"
+        np.testing.assert_array_equal(unmasked, full[i])  # exactly the fully visible blocks
+        assert ak.full_key_blocks(spec, i, lo, hi, q_len, kv_len, True) == (lo, lo)
+
+
+@given(layouts())
+def test_query_blocks_visited_and_unmasked_match_brute_force(layout):
+    spec, nq, nk, q_len, kv_len = layout
+    some, full = _block_validity(spec, nq, nk, q_len, kv_len)
+    for j in range(nk):
+        lo, hi = (int(x) for x in ak.query_block_range(spec, j, nq, q_len, kv_len))
+        a, b = (int(x) for x in ak.full_query_blocks(spec, j, lo, hi, q_len, kv_len, False))
+        visited = np.zeros(nq, bool)
+        visited[lo:hi] = True
+        unmasked = np.zeros(nq, bool)
+        unmasked[a:b] = True
+        assert not (some[:, j] & ~visited).any(), "a block with visible keys is skipped"
+        np.testing.assert_array_equal(unmasked, full[:, j])
