@@ -151,7 +151,7 @@ def _check_options(implementation, scale, block_size, local_window_size):
 
 def _block_sizes(block_size) -> tuple[int, int]:
     if block_size is None:
-        return kernels.DEFAULT_BLOCK, kernels.DEFAULT_BLOCK
+        return kernels.DEFAULT_BLOCK
     sizes = (block_size, block_size) if isinstance(block_size, (int, np.integer)) else block_size
     if (
         not isinstance(sizes, Sequence)
@@ -230,7 +230,7 @@ def scaled_dot_product_attention(
       key_value_seq_length: optional int scalar; keys at or beyond it are padding.
       local_window_size: optional (left, right): query t sees keys in [t - left, t + right].
       implementation: "exact", "blockwise" or None (exact up to 2048² scores, then blockwise).
-      block_size: blockwise block size, an int or a (query, key) pair; default 128.
+      block_size: blockwise block size, an int or a (query, key) pair; default (512, 256).
 
     Returns:
       [T, N, H] in the dtype of ``query``.
@@ -385,8 +385,8 @@ def _batched_weights(query, key, bias, mask, q_lens, kv_lens, *, scale, is_causa
         scale=float(1.0 / np.sqrt(H) if scale is None else scale),
         is_causal=is_causal,
         window=_window(local_window_size),
-        block_q=kernels.DEFAULT_BLOCK,
-        block_k=kernels.DEFAULT_BLOCK,
+        block_q=kernels.DEFAULT_BLOCK[0],
+        block_k=kernels.DEFAULT_BLOCK[1],
     )
 
     def one(q, k, b, m, ql, kl):
