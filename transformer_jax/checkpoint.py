@@ -80,10 +80,17 @@ class Checkpointer:
 
         The arrays are fetched to host memory before this returns; the write continues in the
         background. Returns ``False`` (and saves nothing) if ``step`` is already saved.
+
+        Arrays sharded over several processes (a multi-host mesh) are handed to orbax as they
+        are: every process must call ``save``; each writes its own shards of one global
+        checkpoint (orbax copies them to host memory before returning, too).
         """
         if step in self.all_steps():
             return False
-        host_state = jax.device_get(state)  # a copy the caller's donated buffers cannot touch
+        # A copy the caller's donated buffers cannot touch.
+        host_state = jax.tree.map(
+            lambda x: x if isinstance(x, jax.Array) and not x.is_fully_addressable
+            else jax.device_get(x), state)
         self._manager.save(
             step,
             args=ocp.args.Composite(
