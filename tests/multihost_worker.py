@@ -19,12 +19,13 @@ NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 2
 
 def train_config(out, data_file, **overrides) -> TrainConfig:
     """The run both processes make; the test makes it again on one device."""
-    settings = dict(out=str(out), data=(str(data_file),), steps=4, batch_size=8, seq_len=16,
-                    warmup=1, lr=3e-3, eps=1e-4,  # ε: see _setup in tests/test_sharding.py
-                    steps_per_call=1, log_every=1, eval_every=4, ckpt_every=2,
-                    eval_batch_size=256, parallel="sharded",
-                    mesh="fsdp=4",  # FSDP across both processes: every host holds half
-                    sample_tokens=0)
+    settings = {"out": str(out), "data": (str(data_file),), "steps": 4, "batch_size": 8,
+                "seq_len": 16, "warmup": 1, "lr": 3e-3,
+                "eps": 1e-4,  # see _setup in tests/test_sharding.py
+                "steps_per_call": 1, "log_every": 1, "eval_every": 4, "ckpt_every": 2,
+                "eval_batch_size": 256, "parallel": "sharded",
+                "mesh": "fsdp=4",  # FSDP across both processes: each host holds half
+                "sample_tokens": 0}
     return TrainConfig(**{**settings, **overrides})
 
 
