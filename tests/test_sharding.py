@@ -100,7 +100,8 @@ def test_table_specs():
                                                                                       "fsdp")
     assert spec("params/layer_0/mlp/wi/bias", (64,)) == P("tensor")
     assert spec("params/layer_0/ln_mlp/scale", (32,)) == P(None)
-    assert spec("params/embed/embedding", (255, 32)) == P(None, None)  # 2 ∤ 255: kept whole
+    assert spec("params/embed/embedding", (50257, 32)) == P(None, "fsdp")  # V rarely divides
+    assert spec("params/layer_0/mlp/wi/kernel", (33, 64)) == P(None, "tensor")  # 2 ∤ 33: whole
     assert spec("step", ()) == P()
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import jax
 
-__all__ = ["check_flags", "initialize", "is_lead"]
+__all__ = ["any_process", "check_flags", "initialize", "is_lead"]
 
 
 def check_flags(coordinator: str | None, num_processes: int | None,
@@ -75,3 +75,17 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 def is_lead() -> bool:
     """Whether this process writes logs, metrics, samples and plots (process 0)."""
     return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is set on any process (every process must call this; one all-gather).
+
+    A preemption notice (SIGTERM) may reach only some hosts; all must stop at the same step,
+    or the others would wait forever in the next collective.
+    """
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))

@@ -251,7 +251,8 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
             f"{fns.n_params / 1e6:.2f}M params, {fns.flops_per_token / 1e6:.1f} MFLOP/token; "
             f"{placement.kind} on "
             f"{placement.num_devices} {dev0.platform} device(s)"
-            f"{'' if placement.mesh is None else f' (mesh {dict(placement.mesh.shape)})'}; data {corpus.name} "
+            f"{'' if placement.mesh is None else f' (mesh {dict(placement.mesh.shape)})'}; "
+            f"data {corpus.name} "
             f"({len(corpus.train):,} train / {len(corpus.val):,} val bytes); peak "
             f"{peak / 1e9:.0f} GFLOP/s ({peak_source})")
         host_state = lambda: placement.to_host(state)
@@ -283,7 +284,8 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
             bar.set_postfix(postfix, refresh=False)
 
         try:
-            while step < end and not sigterm.set:
+            stop_now = False
+            while step < end and not stop_now:
                 stop = _next_stop(step, end, tc)
                 batches = placement.batches(  # each host loads its own rows
                     functools.partial(data.train_batches, corpus.train, seed=tc.seed, step=step,
@@ -300,7 +302,9 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
                     drain()
                     n_timed, t_mark, warm = 0, time.perf_counter(), True
                 do_eval = step % tc.eval_every == 0 or step == tc.steps
-                do_ckpt = step % tc.ckpt_every == 0 or step == end or sigterm.set
+                # With several hosts all stop together if any got SIGTERM (one collective).
+                stop_now = distributed.any_process(sigterm.set)
+                do_ckpt = step % tc.ckpt_every == 0 or step == end or stop_now
                 if step % tc.log_every == 0 or do_eval or do_ckpt:
                     drain()
                     now = time.perf_counter()

@@ -77,10 +77,11 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(^|/)wi/kernel$", (FSDP, TENSOR)),
     (r"(^|/)wi/bias$", (TENSOR,)),
     (r"(^|/)wo/kernel$", (TENSOR, FSDP)),
-    # Embeddings embed/embedding [V, D] (tied output projection), unembed/kernel [D, V],
-    # positions/pos_embed [max_len, D]; and any other matrix (the LSTM/GRU gates): FSDP only.
-    (r"(^|/)embedding$", (FSDP, None)),
-    (r"(^|/)pos_embed$", (FSDP, None)),
+    # Embeddings embed/embedding [V, D] (tied output projection) and positions/pos_embed
+    # [max_len, D] split along D (V = 50257 or 37000 rarely divides), unembed/kernel [D, V],
+    # and any other matrix (the LSTM/GRU gates): FSDP only.
+    (r"(^|/)embedding$", (None, FSDP)),
+    (r"(^|/)pos_embed$", (None, FSDP)),
     (r"(^|/)kernel$", (FSDP, None)),
     # Everything else — biases of D, LayerNorm scale/bias, step counters, keys: replicated.
     (r"", ()),
@@ -89,7 +90,7 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 dimension; missing trailing dimensions are ``None`` (not split). Optimizer moments share their
 parameter's path suffix (``opt_state/.../mu/layer_0/mlp/wi/kernel``), so they are sharded like
 the parameter. A dimension that the axis size does not divide stays whole (replicated over
-that axis), e.g. a vocabulary of 256 over fsdp=3."""
+that axis), e.g. a feed-forward width of 1000 over tensor=16."""
 
 
 # ---- the mesh ---------------------------------------------------------------------------------
