@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer steps per compiled call (lax.scan; same results)")
     g.add_argument("--parallel", choices=_choices("parallel"), default=d.parallel,
                    help="auto: pmap over all local devices if more than one, else jit "
-                        "(sharded with several processes); pmap; sharded: jit on a device "
-                        "mesh with sharded parameters and optimizer state; shard_map: "
+                        "(sharded with --mesh or several processes); pmap; sharded: jit on a "
+                        "device mesh with sharded parameters and optimizer state; shard_map: "
                         "data-parallel shard_map step on the mesh; none: jit on one device")
     g.add_argument("--mesh", default=d.mesh, metavar="AXIS=N,...",
                    help="mesh axis sizes for sharded/shard_map, e.g. data=2,fsdp=2,tensor=1 "

@@ -73,8 +73,10 @@ def test_mesh_flag_parsing_and_errors(devices):
         TrainConfig(mesh="data:2")  # syntax is checked when the config is made
     with pytest.raises(ValueError, match="--mesh needs --parallel sharded or shard_map"):
         parallel.resolve("pmap", devices[:4], "data=4")
-    p = parallel.resolve("sharded", devices[:8], "data=2,fsdp=2,tensor=2")
-    assert dict(p.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2} and p.batch_shards == 4
+    p = parallel.resolve("auto", devices[:8], "data=2,fsdp=2,tensor=2")  # auto + mesh: sharded
+    assert p.kind == "sharded" and p.batch_shards == 4
+    assert dict(p.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert parallel.resolve("shard_map", devices[:4]).batch_shards == 4
 
 
 def test_bad_mesh_on_the_command_line_exits_2(tmp_path, capsys):

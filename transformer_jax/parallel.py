@@ -170,8 +170,8 @@ def resolve(mode: str, devices: Sequence[Any] | None = None, mesh: str = "") -> 
     """Turn ``--parallel`` (and ``--mesh``) into a :class:`Placement`.
 
     Args:
-      mode: "auto" (with several processes "sharded"; else pmap when there is more than one
-        local device, else jit), "pmap", "sharded", "shard_map", or "none" (jit on the first
+      mode: "auto" ("sharded" with a ``mesh`` or several processes; else pmap when there is
+        more than one local device, else jit), "pmap", "sharded", "shard_map", or "none" (jit on the first
         device).
       devices: candidate devices; default ``jax.local_devices()`` for pmap/jit and
         ``jax.devices()`` (every process's) for the mesh kinds.
@@ -182,11 +182,8 @@ def resolve(mode: str, devices: Sequence[Any] | None = None, mesh: str = "") -> 
       ValueError: an unknown mode, a mesh that does not fit the devices, ``--mesh`` with a
         mode that has none, or pmap/none with several processes.
     """
-    if mode == "auto":
-        if jax.process_count() > 1:
-            mode = "sharded"
-        elif mesh:
-            raise ValueError("--mesh needs --parallel sharded or shard_map")
+    if mode == "auto" and (mesh or jax.process_count() > 1):
+        mode = "sharded"
     if mode in _MESH_KINDS:
         devices = tuple(devices) if devices is not None else tuple(jax.devices())
         m = sharding.make_mesh(sharding.parse_mesh(mesh, len(devices)), devices)

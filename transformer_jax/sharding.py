@@ -281,12 +281,17 @@ def global_batch(load: Callable[[slice], np.ndarray], shape: tuple[int, ...],
 def to_host(tree: Any) -> Any:
     """NumPy copies of a pytree of (possibly multi-host) global arrays, on every process.
 
-    Arrays this process can address fully are fetched with ``jax.device_get``; others are
-    all-gathered from the processes that hold their shards (every process must call this).
+    Arrays this process can address fully are fetched with ``jax.device_get``, replicated ones
+    are read from a local replica, and the others are all-gathered from the processes that
+    hold their shards (then every process must call this).
     """
-    leaves = jax.tree.leaves(tree)
-    if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves):
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
+    def fetch(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
 
-    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(fetch, tree)
