@@ -154,7 +154,7 @@ class Checkpointer:
         """Rename unrestorable step folders so that later saves of those steps are possible."""
         for s in steps:
             src = self.directory / str(s)
-            if src.is_dir():
+            if src.is_dir() and jax.process_index() == 0:  # one host renames, the others wait
                 dst = self.directory / f"{s}.unrestorable"
                 n = 1
                 while dst.exists():
@@ -162,6 +162,10 @@ class Checkpointer:
                 src.rename(dst)
                 warnings.warn(f"moved unrestorable checkpoint {src} to {dst}", RuntimeWarning,
                               stacklevel=3)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("checkpoint: unrestorable steps set aside")
         self._manager.close()  # the manager caches the step list: start a fresh one
         self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 
