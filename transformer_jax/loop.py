@@ -117,7 +117,7 @@ def _check_inputs(model_cfg: ModelConfig, tc: TrainConfig, placement: parallel.P
     if tc.model == "transformer" and tc.seq_len > model_cfg.max_len:
         raise RunConfigError(f"seq_len {tc.seq_len} exceeds the model's max_len "
                              f"{model_cfg.max_len}")
-    parallel.check_batch(tc.batch_size, placement.num_devices, tc.grad_accum)
+    parallel.check_batch(tc.batch_size, placement.batch_shards, tc.grad_accum)
     data.check_length(corpus.train, tc.seq_len, "train")
     data.check_length(corpus.val, tc.seq_len, "validation")
 
