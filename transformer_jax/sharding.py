@@ -5,12 +5,12 @@ module is the path JAX recommends for large and multi-host jobs (DESIGN.md, "Par
 
 * a :class:`jax.sharding.Mesh` with the named axes :data:`AXES` = (data, fsdp, tensor), from a
   ``--mesh data=2,fsdp=2,tensor=1`` string (:func:`parse_mesh`, :func:`make_mesh`);
-* ONE table, :data:`PARAM_RULES`, from parameter paths to ``PartitionSpec``s: FSDP (ZeRO-3
-  style) splits every weight matrix — and with it the Adam moments, which have the same paths —
-  over ``fsdp``; tensor parallelism (Megatron style) splits the attention heads (the fused
-  ``qkv`` projection, ``query``/``kv`` and ``out``: heads are independent, §3.2.2) and the
-  feed-forward width F (``wi`` by columns, ``wo`` by rows, §3.3) over ``tensor``; biases,
-  LayerNorm scales and scalars are replicated;
+* ONE table, :data:`PARAM_RULES`, from parameter paths to ``PartitionSpec``s: FSDP (ZeRO-3,
+  Rajbhandari et al. 2020) splits every weight matrix — and with it the Adam moments, which
+  have the same paths — over ``fsdp``; tensor parallelism (Megatron-LM, Shoeybi et al. 2019)
+  splits the attention heads (the fused ``qkv`` projection, ``query``/``kv`` and ``out``:
+  heads are independent, §3.2.2) and the feed-forward width F (``wi`` by columns, ``wo`` by
+  rows, §3.3) over ``tensor``; biases, LayerNorm scales and scalars are replicated;
 * :func:`sharded_step`: the pure train step under ``jax.jit`` with ``in_shardings`` /
   ``out_shardings``; the global batch ``[k, B, T + 1]`` is split over (data, fsdp) and XLA
   inserts the collectives (all-gathers of FSDP weights, reduce-scatters of their gradients,
