@@ -203,6 +203,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two fresh Python processes: ~20 s of CPU
 def test_two_processes_match_one_process(tmp_path, devices):
     data_file = tmp_path / "corpus.txt"
     data_file.write_bytes(bytes(data.load_corpus().train[:20_000].astype(np.uint8)))
