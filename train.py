@@ -111,8 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps-per-call", type=int, default=d.steps_per_call,
                    help="optimizer steps per compiled call (lax.scan; same results)")
     g.add_argument("--parallel", choices=_choices("parallel"), default=d.parallel,
-                   help="auto: pmap over all local devices if more than one, else jit; "
-                        "pmap; none: jit on one device")
+                   help="auto: pmap over all local devices if more than one, else jit "
+                        "(sharded with --mesh or several processes); pmap; sharded: jit on a "
+                        "device mesh with sharded parameters and optimizer state; shard_map: "
+                        "data-parallel shard_map step on the mesh; none: jit on one device")
+    g.add_argument("--mesh", default=d.mesh, metavar="AXIS=N,...",
+                   help="mesh axis sizes for sharded/shard_map, e.g. data=2,fsdp=2,tensor=1 "
+                        "(their product must be the device count; -1 takes the rest; "
+                        "default: data over all devices)")
+    hosts = p.add_argument_group("multi-host (every host runs the same command)")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address: starts jax.distributed; 'auto' detects a "
+                        "managed cluster (Cloud TPU, SLURM, Open MPI, Kubernetes)")
+    hosts.add_argument("--num-processes", type=int, metavar="P",
+                   help="number of processes (with --coordinator HOST:PORT)")
+    hosts.add_argument("--process-id", type=int, metavar="I",
+                   help="this process's index in [0, P) (with --coordinator HOST:PORT)")
     g.add_argument("--sample-tokens", type=int, default=d.sample_tokens,
                    help="bytes to generate at the end (0: none)")
     g.add_argument("--prompt", default=d.sample_prompt, help="prompt of the final sample")
@@ -146,7 +160,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         schedule=args.schedule, warmup=args.warmup, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, label_smoothing=args.label_smoothing,
         log_every=args.log_every, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
-        steps_per_call=args.steps_per_call, parallel=args.parallel,
+        steps_per_call=args.steps_per_call, parallel=args.parallel, mesh=args.mesh,
         sample_tokens=args.sample_tokens, sample_prompt=args.prompt)
     return model_cfg, train_cfg
 
@@ -155,10 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, train, print where everything went; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from transformer_jax import distributed
+
     try:
         model_cfg, train_cfg = configs_from_args(args)
+        distributed.check_flags(args.coordinator, args.num_processes, args.process_id)
     except ValueError as e:
         parser.error(_flagify(str(e)))
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
     from transformer_jax import loop
     from transformer_jax.checkpoint import CheckpointError
@@ -172,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"train.py: {e}", file=sys.stderr)
         return 1
     r = result
-    if r.interrupted:  # the loop has said where the checkpoint is
+    if r.interrupted or not distributed.is_lead():  # the loop has said where the checkpoint is
         return 0
     minutes, seconds = divmod(r.wall_s, 60)
     speed = (f"{r.tokens_per_s:,.0f} tokens/s (median), MFU {100 * r.mfu:.1f}%"

@@ -80,10 +80,17 @@ class Checkpointer:
 
         The arrays are fetched to host memory before this returns; the write continues in the
         background. Returns ``False`` (and saves nothing) if ``step`` is already saved.
+
+        Arrays sharded over several processes (a multi-host mesh) are handed to orbax as they
+        are: every process must call ``save``; each writes its own shards of one global
+        checkpoint (orbax copies them to host memory before returning, too).
         """
         if step in self.all_steps():
             return False
-        host_state = jax.device_get(state)  # a copy the caller's donated buffers cannot touch
+        # A copy the caller's donated buffers cannot touch.
+        host_state = jax.tree.map(
+            lambda x: x if isinstance(x, jax.Array) and not x.is_fully_addressable
+            else jax.device_get(x), state)
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -147,7 +154,7 @@ class Checkpointer:
         """Rename unrestorable step folders so that later saves of those steps are possible."""
         for s in steps:
             src = self.directory / str(s)
-            if src.is_dir():
+            if src.is_dir() and jax.process_index() == 0:  # one host renames, the others wait
                 dst = self.directory / f"{s}.unrestorable"
                 n = 1
                 while dst.exists():
@@ -155,6 +162,10 @@ class Checkpointer:
                 src.rename(dst)
                 warnings.warn(f"moved unrestorable checkpoint {src} to {dst}", RuntimeWarning,
                               stacklevel=3)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("checkpoint: unrestorable steps set aside")
         self._manager.close()  # the manager caches the step list: start a fresh one
         self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 

@@ -228,7 +228,7 @@ __all__ += ["TrainConfig"]
 ModelName = Literal["transformer", "lstm", "gru"]
 Optimizer = Literal["adamw", "adam"]
 Schedule = Literal["cosine", "paper", "constant"]
-ParallelMode = Literal["auto", "pmap", "none"]
+ParallelMode = Literal["auto", "pmap", "sharded", "shard_map", "none"]
 
 _TRAIN_CHOICES = {
     "model": typing.get_args(ModelName),
@@ -281,8 +281,13 @@ class TrainConfig:
       steps_per_call: optimizer steps run by one compiled call (a ``lax.scan``); fewer
         dispatches, identical per-step semantics. Checkpoints fall on multiples of it when the
         intervals above are multiples of it.
-      parallel: "auto" (pmap over all local devices when there is more than one, else jit),
-        "pmap", or "none" (jit on one device).
+      parallel: "auto" (pmap over all local devices when there is more than one, else jit;
+        "sharded" with a ``mesh`` or several processes), "pmap", "sharded" (jit on a device mesh, state
+        sharded by :data:`transformer_jax.sharding.PARAM_RULES`), "shard_map" (data-parallel
+        step on the mesh), or "none" (jit on one device).
+      mesh: axis sizes of the device mesh for "sharded"/"shard_map", e.g.
+        "data=2,fsdp=2,tensor=1" (axes left out are 1; -1 takes the remaining devices); ""
+        means data parallelism over all devices.
       max_to_keep: checkpoints kept on disk.
       max_nonfinite: stop after this many consecutive steps with non-finite gradients (they are
         skipped by ``optax.apply_if_finite`` until then).
@@ -317,6 +322,7 @@ class TrainConfig:
     ckpt_every: int = 400
     steps_per_call: int = 10
     parallel: ParallelMode = "auto"
+    mesh: str = ""
     max_to_keep: int = 3
     max_nonfinite: int = 5
     eval_batch_size: int = 64
@@ -342,6 +348,10 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by "
                              f"grad_accum={self.grad_accum}")
+        if self.mesh:
+            from transformer_jax.sharding import mesh_axes
+
+            mesh_axes(self.mesh)  # the syntax; the sizes are checked against the devices later
         if self.schedule == "paper" and self.warmup == 0:
             raise ValueError("the paper schedule needs warmup > 0 (§5.3 uses 4000)")
         checks = {

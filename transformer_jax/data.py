@@ -164,7 +164,7 @@ def check_length(tokens: np.ndarray, seq_len: int, split: str) -> None:
 
 
 def train_batches(tokens: np.ndarray, *, seed: int, step: int, num_steps: int,
-                  batch_size: int, seq_len: int) -> np.ndarray:
+                  batch_size: int, seq_len: int, rows: slice = slice(None)) -> np.ndarray:
     """Random crops for steps ``step .. step + num_steps - 1``.
 
     The crops of step ``s`` depend only on ``(seed, s)`` (a NumPy generator seeded with both), so
@@ -178,9 +178,11 @@ def train_batches(tokens: np.ndarray, *, seed: int, step: int, num_steps: int,
       num_steps: how many consecutive steps.
       batch_size: B, the global batch per step.
       seq_len: T.
+      rows: only these rows of each global batch (a host's share in a multi-host run: the
+        crops of the other rows are drawn but not read).
 
     Returns:
-      [num_steps, B, T + 1] int32.
+      [num_steps, B, T + 1] int32 (B restricted to ``rows``).
     """
     check_length(tokens, seq_len, "train")
     high = len(tokens) - seq_len  # exclusive bound on a window start: start + T + 1 <= n
@@ -188,7 +190,7 @@ def train_batches(tokens: np.ndarray, *, seed: int, step: int, num_steps: int,
     starts = np.stack([
         np.random.default_rng([_DATA_STREAM, seed, s]).integers(0, high, size=batch_size)
         for s in range(step, step + num_steps)
-    ])  # [num_steps, B]
+    ])[:, rows]  # [num_steps, B]
     return tokens[starts[..., None] + window].astype(np.int32)
 
 

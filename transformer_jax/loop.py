@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from transformer_jax import data, metrics, parallel, training
+from transformer_jax import data, distributed, metrics, parallel, sharding, training
 from transformer_jax.checkpoint import Checkpointer
 from transformer_jax.config import ModelConfig, TrainConfig
 
@@ -100,11 +100,11 @@ def _functions(model_cfg: ModelConfig, step_cfg: TrainConfig, seq_len: int,
         training.train_steps, apply_fn=model.apply, tx=tx,
         label_smoothing=step_cfg.label_smoothing, grad_accum=step_cfg.grad_accum,
         dropout=model_cfg.dropout_rate > 0)
-    train = (parallel.pmap_step(step, placement.devices) if placement.kind == "pmap"
-             else parallel.jit_step(step))
+    abstract_state = jax.eval_shape(
+        lambda: training.init_state(model, tx, seed=0, seq_len=seq_len))
+    train = placement.compile(step, abstract_state)
     evaluate = jax.jit(functools.partial(training.eval_step, apply_fn=model.apply))
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                                 np.zeros((1, seq_len), np.int32))["params"])
+    abstract = abstract_state.params
     flops = training.model_flops_per_token(abstract, model_cfg, seq_len, step_cfg.model)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
     return _Functions(model, tx, train, evaluate, flops, n_params)
@@ -117,7 +117,7 @@ def _check_inputs(model_cfg: ModelConfig, tc: TrainConfig, placement: parallel.P
     if tc.model == "transformer" and tc.seq_len > model_cfg.max_len:
         raise RunConfigError(f"seq_len {tc.seq_len} exceeds the model's max_len "
                              f"{model_cfg.max_len}")
-    parallel.check_batch(tc.batch_size, placement.num_devices, tc.grad_accum)
+    parallel.check_batch(tc.batch_size, placement.batch_shards, tc.grad_accum)
     data.check_length(corpus.train, tc.seq_len, "train")
     data.check_length(corpus.val, tc.seq_len, "validation")
 
@@ -146,14 +146,25 @@ def _next_stop(step: int, end: int, tc: TrainConfig) -> int:
     return min([end] + [(step // e + 1) * e for e in every])
 
 
-def _validate(fns: _Functions, params: Any, tokens: np.ndarray, tc: TrainConfig) -> float:
+def _validate(fns: _Functions, params: Any, tokens: np.ndarray, tc: TrainConfig,
+              placement: parallel.Placement) -> float:
     """Mean NLL (nats per token) over the whole validation split."""
     total, count = 0.0, 0.0
-    sums = [fns.evaluate(params, b) for b in
+    sums = [fns.evaluate(params, placement.eval_batch(b)) for b in
             data.eval_batches(tokens, batch_size=tc.eval_batch_size, seq_len=tc.seq_len)]
-    for s, c in jax.device_get(sums):
+    for s, c in sharding.to_host(sums):  # gathered on every host of a multi-host mesh
         total, count = total + float(s), count + float(c)
     return total / max(count, 1.0)
+
+
+class _NoWriter:
+    """The metrics writer of processes other than 0: writes nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _SigtermFlag:
@@ -200,49 +211,52 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
 
     t_start = time.perf_counter()
     log = log or tqdm.write
-    placement = parallel.resolve(tc.parallel, devices)
+    try:
+        placement = parallel.resolve(tc.parallel, devices, tc.mesh)
+    except ValueError as e:
+        raise RunConfigError(str(e)) from None
+    lead = distributed.is_lead()  # in a multi-host run only process 0 writes logs and files
+    if not lead:
+        log, progress = (lambda message: None), False
     corpus = data.load_corpus(tc.data, tc.val_fraction)
     _check_inputs(model_cfg, tc, placement, corpus)
     out = Path(tc.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_config(out, model_cfg, tc, log)
+    if lead:
+        _write_config(out, model_cfg, tc, log)
     step_cfg = TrainConfig(**{f: getattr(tc, f) for f in _STEP_FIELDS})
     fns = _functions(model_cfg, step_cfg, tc.seq_len, placement)
-    dev0 = placement.devices[0]
+    # This process's first device (every process's own under a multi-host mesh).
+    dev0 = next(d for d in placement.devices if d.process_index == jax.process_index())
     end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
     tokens_per_step = tc.batch_size * tc.seq_len
 
     with Checkpointer(out / "checkpoints", max_to_keep=tc.max_to_keep) as ckpt, \
             _SigtermFlag() as sigterm:
-        with jax.default_device(dev0):
-            fresh = jax.eval_shape(lambda: training.init_state(fns.model, fns.tx, seed=tc.seed,
-                                                               seq_len=tc.seq_len))
-        sharding = jax.sharding.SingleDeviceSharding(dev0)
-        restored = ckpt.restore(jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), fresh))
+        init = lambda: training.init_state(fns.model, fns.tx, seed=tc.seed, seq_len=tc.seq_len)
+        fresh = jax.eval_shape(init)
+        # Restored straight into this placement's shardings (whatever mesh saved it).
+        restored = ckpt.restore(placement.target(fresh))
         if restored is not None:
-            state, start = restored.state, restored.step
+            state, start = placement.place(restored.state), restored.step
             log(f"resuming {out} from step {start}" if start < tc.steps else
                 f"{out} is already trained to step {start} (--steps {tc.steps}): "
                 "evaluating and sampling only")
         else:
-            with jax.default_device(dev0):
-                state = training.init_state(fns.model, fns.tx, seed=tc.seed, seq_len=tc.seq_len)
-            start = 0
-        if placement.kind == "pmap":
-            state = parallel.replicate(state, placement.devices)
-        writer = metrics.MetricsWriter(out, resume_step=start if restored else None)
+            state, start = placement.init(init, fresh), 0
+        writer = (metrics.MetricsWriter(out, resume_step=start if restored else None) if lead
+                  else _NoWriter())
         peak, peak_source = metrics.peak_flops(placement.devices)
         log(f"{tc.model}: {model_cfg.num_decoder_layers} layers, d_model {model_cfg.d_model}, "
             f"{fns.n_params / 1e6:.2f}M params, {fns.flops_per_token / 1e6:.1f} MFLOP/token; "
             f"{placement.kind} on "
-            f"{placement.num_devices} {dev0.platform} device(s); data {corpus.name} "
+            f"{placement.num_devices} {dev0.platform} device(s)"
+            f"{'' if placement.mesh is None else f' (mesh {dict(placement.mesh.shape)})'}; "
+            f"data {corpus.name} "
             f"({len(corpus.train):,} train / {len(corpus.val):,} val bytes); peak "
             f"{peak / 1e9:.0f} GFLOP/s ({peak_source})")
-        host_state = lambda: jax.device_get(
-            parallel.unreplicate(state) if placement.kind == "pmap" else state)
-        unrep_params = lambda: (parallel.unreplicate(state.params)
-                                if placement.kind == "pmap" else state.params)
+        host_state = lambda: placement.to_host(state)
+        unrep_params = lambda: placement.params(state)
         schedule = training.make_schedule(tc, model_cfg.d_model)
 
         step, val_loss, last_eval = start, math.nan, -1
@@ -258,10 +272,8 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
             nonlocal pending
             if pending is None:
                 return
-            host = jax.device_get(pending)
+            host = placement.to_host(pending)
             pending = None
-            if placement.kind == "pmap":
-                host = {k: v[0] for k, v in host.items()}
             interval.append(host)
             if int(host["nonfinite"].max()) >= tc.max_nonfinite:
                 raise NonFiniteError(
@@ -272,13 +284,14 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
             bar.set_postfix(postfix, refresh=False)
 
         try:
-            while step < end and not sigterm.set:
+            stop_now = False
+            while step < end and not stop_now:
                 stop = _next_stop(step, end, tc)
-                batches = data.train_batches(corpus.train, seed=tc.seed, step=step,
-                                             num_steps=stop - step, batch_size=tc.batch_size,
-                                             seq_len=tc.seq_len)
-                if placement.kind == "pmap":
-                    batches = parallel.shard_batches(batches, placement.num_devices)
+                batches = placement.batches(  # each host loads its own rows
+                    functools.partial(data.train_batches, corpus.train, seed=tc.seed, step=step,
+                                      num_steps=stop - step, batch_size=tc.batch_size,
+                                      seq_len=tc.seq_len),
+                    (stop - step, tc.batch_size, tc.seq_len + 1))
                 state, chunk_metrics = fns.train(state, batches)
                 drain()  # the previous call's metrics: the device already has this call queued
                 pending = chunk_metrics
@@ -289,7 +302,9 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
                     drain()
                     n_timed, t_mark, warm = 0, time.perf_counter(), True
                 do_eval = step % tc.eval_every == 0 or step == tc.steps
-                do_ckpt = step % tc.ckpt_every == 0 or step == end or sigterm.set
+                # With several hosts all stop together if any got SIGTERM (one collective).
+                stop_now = distributed.any_process(sigterm.set)
+                do_ckpt = step % tc.ckpt_every == 0 or step == end or stop_now
                 if step % tc.log_every == 0 or do_eval or do_ckpt:
                     drain()
                     now = time.perf_counter()
@@ -305,7 +320,7 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
                               "time_s": now - t_start}
                     interval.clear()
                     if do_eval:
-                        val_loss = _validate(fns, unrep_params(), corpus.val, tc)
+                        val_loss = _validate(fns, unrep_params(), corpus.val, tc, placement)
                         last_eval = step
                         record.update(val_loss=val_loss, val_bpb=val_loss / math.log(2))
                         log(f"step {step}: val_loss {val_loss:.4f} nats/byte "
@@ -314,18 +329,18 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
                     postfix["tok/s"] = f"{tok_s:,.0f}" if tok_s else "-"
                     bar.set_postfix(postfix, refresh=False)
                     if do_ckpt:
-                        ckpt.save(step, host_state(), {"step": step, "model": model_cfg.to_dict(),
+                        ckpt.save(step, placement.saveable(state), {"step": step, "model": model_cfg.to_dict(),
                                                        "train": tc.to_dict()})
                     n_timed, t_mark = 0, time.perf_counter()
             drain()
             interrupted = step < tc.steps
             if interrupted:
-                ckpt.save(step, host_state(), {"step": step, "model": model_cfg.to_dict(),
+                ckpt.save(step, placement.saveable(state), {"step": step, "model": model_cfg.to_dict(),
                                                "train": tc.to_dict()})
                 log(f"stopped at step {step}; checkpoint saved in {out.resolve()}/checkpoints; "
                     "run the same command to resume")
             elif last_eval != step:  # finished earlier: evaluate the restored state once
-                val_loss = _validate(fns, unrep_params(), corpus.val, tc)
+                val_loss = _validate(fns, unrep_params(), corpus.val, tc, placement)
                 log(f"step {step}: val_loss {val_loss:.4f} nats/byte")
         finally:
             bar.close()
@@ -333,6 +348,11 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
         final = host_state()
 
     sample = ""
+    if not lead:  # logs, samples and plots are process 0's
+        return RunResult(out=out, step=step, start_step=start, val_loss=val_loss,
+                         val_bpb=val_loss / math.log(2), tokens_per_s=math.nan, mfu=math.nan,
+                         wall_s=time.perf_counter() - t_start, interrupted=interrupted,
+                         sample="", state=final)
     if not interrupted and tc.sample_tokens:
         from transformer_jax import sample as sampling
 

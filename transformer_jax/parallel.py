@@ -1,15 +1,20 @@
-"""Data parallelism over the local devices: the ``jax.pmap`` path (and plain ``jit`` on one).
+"""Where the train step runs: ``jax.pmap`` over the local devices, a device mesh, or one device.
 
 The train step (:func:`transformer_jax.training.train_steps`) is one pure function; this module
-only decides where it runs:
+only decides where it runs. A :class:`Placement` (from ``--parallel`` and ``--mesh``, see
+:func:`resolve`) places the state and the batches, compiles the step and brings results back:
 
 * ``"pmap"``: the state is replicated on every local device, the global batch is split along a
   leading device axis, gradients and metrics are averaged with ``lax.pmean`` over the axis
-  :data:`AXIS` inside the step.
+  :data:`AXIS` inside the step. One host.
+* ``"sharded"``: ``jit`` with ``in_shardings``/``out_shardings`` on a (data, fsdp, tensor) mesh
+  over all devices of all hosts; parameters and optimizer state sharded by one table
+  (:mod:`transformer_jax.sharding`), the batch split over (data, fsdp).
+* ``"shard_map"``: data parallelism on the mesh written per device (``jax.shard_map`` +
+  ``lax.pmean``), state replicated, the batch split over all devices.
 * ``"jit"``: the same function under ``jax.jit`` on one device, no collective.
 
-Both donate the state buffers. (The ``jit`` + ``NamedSharding`` / ``shard_map`` paths for
-multi-host runs belong here too; DESIGN.md, "Parallelism".)
+All donate the state buffers and give the numbers of the one-device step (tests).
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
+from transformer_jax import sharding
+
 __all__ = [
     "AXIS",
     "BatchSplitError",
+    "Kind",
     "Placement",
     "check_batch",
     "jit_step",
@@ -38,7 +46,8 @@ __all__ = [
 AXIS = "batch"
 """Name of the pmapped device axis (the ``axis_name`` of ``lax.pmean``)."""
 
-Kind = Literal["pmap", "jit"]
+Kind = Literal["pmap", "jit", "sharded", "shard_map"]
+_MESH_KINDS = ("sharded", "shard_map")
 
 
 class BatchSplitError(ValueError):
@@ -47,41 +56,152 @@ class BatchSplitError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-    """Where a run's step executes: ``kind`` ("pmap" or "jit") and its devices.
+    """Where a run's step executes, and how state, batches and results move there and back.
 
     Attributes:
-      kind: "pmap" (replicated state, batch split over ``devices``) or "jit" (one device).
-      devices: the devices used, in order (one for "jit").
+      kind: "pmap" (replicated state, batch split over local ``devices``), "sharded" (jit on
+        ``mesh`` with table shardings), "shard_map" (per-device step on ``mesh``, replicated
+        state) or "jit" (one device).
+      devices: the devices used, in order (one for "jit"; all processes' for the mesh kinds).
+      mesh: the (data, fsdp, tensor) mesh of the mesh kinds, else ``None``.
     """
 
     kind: Kind
     devices: tuple[Any, ...]
+    mesh: jax.sharding.Mesh | None = None
 
     @property
     def num_devices(self) -> int:
-        """Number of devices the batch is split over."""
+        """Number of devices the step runs on."""
+        return len(self.devices)
+
+    @property
+    def batch_shards(self) -> int:
+        """Parts the global batch is split into (tensor-parallel devices share a part)."""
+        if self.kind == "sharded":
+            return self.mesh.shape[sharding.DATA] * self.mesh.shape[sharding.FSDP]
         return len(self.devices)
 
     def __repr__(self) -> str:
-        return f"Placement({self.kind!r}, {len(self.devices)} × {self.devices[0].platform})"
+        mesh = "" if self.mesh is None else f", mesh {dict(self.mesh.shape)}"
+        return (f"Placement({self.kind!r}, {len(self.devices)} × {self.devices[0].platform}"
+                f"{mesh})")
+
+    # ---- state ----------------------------------------------------------------------------
+
+    def shardings(self, abstract_state: Any) -> Any:
+        """Where every leaf of the state lives between steps (the restore target)."""
+        if self.kind == "sharded":
+            return sharding.state_shardings(abstract_state, self.mesh)
+        one = (sharding.replicated(self.mesh) if self.kind == "shard_map"
+               else jax.sharding.SingleDeviceSharding(self.devices[0]))
+        return jax.tree.map(lambda _: one, abstract_state)
+
+    def target(self, abstract_state: Any) -> Any:
+        """``ShapeDtypeStruct``s with :meth:`shardings`: what a checkpoint restores into."""
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract_state, self.shardings(abstract_state))
+
+    def init(self, init_fn: Callable[[], Any], abstract_state: Any) -> Any:
+        """A fresh state from ``init_fn()``, created in place (sharded arrays are never whole)."""
+        if self.kind in _MESH_KINDS:
+            return jax.jit(init_fn, out_shardings=self.shardings(abstract_state))()
+        with jax.default_device(self.devices[0]):
+            return self.place(init_fn())
+
+    def place(self, state: Any) -> Any:
+        """A state from :meth:`init` or a restore, as the compiled step takes it."""
+        return replicate(state, self.devices) if self.kind == "pmap" else state
+
+    def params(self, state: Any) -> Any:
+        """The parameters on device, without pmap's replica axis (for evaluation)."""
+        return unreplicate(state.params) if self.kind == "pmap" else state.params
+
+    def saveable(self, state: Any) -> Any:
+        """The state as a checkpoint stores it: one replica, or the global (sharded) arrays."""
+        return unreplicate(state) if self.kind == "pmap" else state
+
+    def to_host(self, tree: Any) -> Any:
+        """NumPy copies of step outputs (state or metrics), pmap's replica axis dropped.
+
+        With several processes every process must call this (sharded arrays are gathered).
+        """
+        if self.kind == "pmap":
+            return jax.device_get(unreplicate(tree))
+        return sharding.to_host(tree)
+
+    # ---- step and data --------------------------------------------------------------------
+
+    def compile(self, step: Callable[..., Any], abstract_state: Any) -> Callable[..., Any]:
+        """``step(state, batches[k, B, T + 1], *, axis_name=None)`` compiled for this placement."""
+        if self.kind == "pmap":
+            return pmap_step(step, self.devices)
+        if self.kind == "sharded":
+            return sharding.sharded_step(step, self.mesh, self.shardings(abstract_state))
+        if self.kind == "shard_map":
+            return sharding.shard_map_step(step, self.mesh)
+        return jit_step(step)
+
+    def batches(self, load: Callable[[slice], np.ndarray], shape: tuple[int, ...]) -> Any:
+        """The global batches ``[k, B, T + 1]`` as the compiled step takes them.
+
+        Args:
+          load: ``load(rows=rows)`` returns rows ``rows`` of the global batches, ``[k, b, T + 1]``
+            (:func:`transformer_jax.data.train_batches` with ``rows``); on a mesh each process
+            asks only for the rows of its own devices.
+          shape: the global shape ``[k, B, T + 1]``.
+        """
+        if self.kind in _MESH_KINDS:
+            axes = sharding.BATCH_AXES if self.kind == "sharded" else self.mesh.axis_names
+            return sharding.global_batch(load, shape,
+                                         sharding.batch_sharding(self.mesh, tuple(axes)))
+        batches = load(rows=slice(None))
+        return shard_batches(batches, self.num_devices) if self.kind == "pmap" else batches
+
+    def eval_batch(self, batch: np.ndarray) -> Any:
+        """An evaluation batch next to the parameters (replicated over a mesh, every host)."""
+        if self.kind in _MESH_KINDS:
+            return jax.make_array_from_callback(batch.shape, sharding.replicated(self.mesh),
+                                                lambda index: batch[index])
+        return batch
 
 
-def resolve(mode: str, devices: Sequence[Any] | None = None) -> Placement:
-    """Turn ``--parallel`` into a :class:`Placement`.
+def resolve(mode: str, devices: Sequence[Any] | None = None, mesh: str = "") -> Placement:
+    """Turn ``--parallel`` (and ``--mesh``) into a :class:`Placement`.
 
     Args:
-      mode: "auto" (pmap when there is more than one device, else jit), "pmap", or "none" (jit
-        on the first device).
-      devices: candidate devices; default ``jax.local_devices()``.
+      mode: "auto" ("sharded" with a ``mesh`` or several processes; else pmap when there is
+        more than one local device, else jit), "pmap", "sharded", "shard_map", or "none" (jit on the first
+        device).
+      devices: candidate devices; default ``jax.local_devices()`` for pmap/jit and
+        ``jax.devices()`` (every process's) for the mesh kinds.
+      mesh: ``--mesh``, e.g. "data=2,fsdp=2,tensor=1" (:func:`transformer_jax.sharding.parse_mesh`;
+        "" is pure data parallelism over all devices).
+
+    Raises:
+      ValueError: an unknown mode, a mesh that does not fit the devices, ``--mesh`` with a
+        mode that has none, or pmap/none with several processes.
     """
+    if mode == "auto" and (mesh or jax.process_count() > 1):
+        mode = "sharded"
+    if mode in _MESH_KINDS:
+        devices = tuple(devices) if devices is not None else tuple(jax.devices())
+        m = sharding.make_mesh(sharding.parse_mesh(mesh, len(devices)), devices)
+        return Placement(mode, tuple(m.devices.flat), m)
+    if mode not in ("auto", "pmap", "none"):
+        raise ValueError("parallel mode must be 'auto', 'pmap', 'sharded', 'shard_map' or "
+                         f"'none', got {mode!r}")
+    if mesh:
+        raise ValueError(f"--mesh needs --parallel sharded or shard_map, not {mode!r}")
+    if jax.process_count() > 1:
+        raise ValueError(f"--parallel {mode} runs on one host; with {jax.process_count()} "
+                         "processes use sharded or shard_map")
     devices = tuple(devices) if devices is not None else tuple(jax.local_devices())
     if not devices:
         raise ValueError("no devices to run on")
     if mode == "none" or (mode == "auto" and len(devices) == 1):
         return Placement("jit", tuple(devices[:1]))
-    if mode in ("pmap", "auto"):
-        return Placement("pmap", tuple(devices))
-    raise ValueError(f"parallel mode must be 'auto', 'pmap' or 'none', got {mode!r}")
+    return Placement("pmap", tuple(devices))
 
 
 def check_batch(batch_size: int, num_devices: int, grad_accum: int = 1) -> int:
