@@ -1,5 +1,9 @@
 """The training loop: ``python train.py`` is :func:`run` with flags turned into configs.
 
+The loop trains a :class:`Workload`: the byte-level language model by default, or, with
+``TrainConfig.task``, the encoder–decoder on a sequence-to-sequence task
+(:func:`transformer_jax.seq2seq.workload`, which also evaluates the test split at the end).
+
 One run directory holds ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``,
 ``samples.txt`` and ``loss.png``. Running again into the same directory resumes from the newest
 restorable checkpoint; because the batches of step ``s`` depend only on ``(seed, s)`` and the
@@ -33,12 +37,12 @@ from transformer_jax import data, metrics, parallel, training
 from transformer_jax.checkpoint import Checkpointer
 from transformer_jax.config import ModelConfig, TrainConfig
 
-__all__ = ["NonFiniteError", "RunConfigError", "RunResult", "run"]
+__all__ = ["NonFiniteError", "RunConfigError", "RunResult", "Workload", "run"]
 
 # Fields of TrainConfig that change the compiled train step (the others are the loop's).
 _STEP_FIELDS = ("model", "steps", "grad_accum", "optimizer", "lr", "min_lr_ratio", "schedule",
                 "warmup", "b1", "b2", "eps", "weight_decay", "grad_clip", "label_smoothing",
-                "steps_per_call", "max_nonfinite")
+                "steps_per_call", "max_nonfinite", "task")
 
 
 class RunConfigError(ValueError):
@@ -65,6 +69,7 @@ class RunResult:
       interrupted: stopped early by SIGTERM (or ``stop_at``), checkpoint saved.
       sample: the text generated at the end ("" if none).
       state: the final :class:`~transformer_jax.training.TrainState` (host arrays, unreplicated).
+      evaluation: the workload's final evaluation (the last ``metrics.jsonl`` line), or {}.
     """
 
     out: Path
@@ -78,6 +83,7 @@ class RunResult:
     interrupted: bool
     sample: str
     state: Any = dataclasses.field(repr=False, default=None)
+    evaluation: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +116,54 @@ def _functions(model_cfg: ModelConfig, step_cfg: TrainConfig, seq_len: int,
     return _Functions(model, tx, train, evaluate, flops, n_params)
 
 
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What :func:`run` trains: a model with its steps, data and validation.
+
+    Attributes:
+      fns: the model, optimizer and compiled steps.
+      init_state: seed -> a fresh :class:`~transformer_jax.training.TrainState` (also traced
+        with ``jax.eval_shape`` to restore checkpoints).
+      train_batches: (step, k) -> [k, B, W] int32, the batches of steps step … step + k - 1; a
+        pure function of (seed, step).
+      validate: params -> mean validation loss (nats per target token).
+      tokens_per_step: target tokens per optimizer step (the tokens/s numerator).
+      description: the data part of the start-up log line.
+      unit: what a target token is in log lines ("byte", "token").
+      finish: optional (final params, checkpointer, step) -> a metrics record, written as the
+        last line of ``metrics.jsonl`` when training completes (the seq2seq test evaluation).
+    """
+
+    fns: _Functions
+    init_state: Callable[[int], Any]
+    train_batches: Callable[[int, int], np.ndarray]
+    validate: Callable[[Any], float]
+    tokens_per_step: int
+    description: str
+    unit: str = "byte"
+    finish: Callable[[Any, Checkpointer, int], dict[str, Any]] | None = None
+
+
+def _lm_workload(model_cfg: ModelConfig, tc: TrainConfig,
+                 placement: parallel.Placement) -> Workload:
+    """The byte-level language model on the corpus of ``tc.data``."""
+    corpus = data.load_corpus(tc.data, tc.val_fraction)
+    _check_inputs(model_cfg, tc, placement, corpus)
+    step_cfg = TrainConfig(**{f: getattr(tc, f) for f in _STEP_FIELDS})
+    fns = _functions(model_cfg, step_cfg, tc.seq_len, placement)
+    return Workload(
+        fns=fns,
+        init_state=lambda seed: training.init_state(fns.model, fns.tx, seed=seed,
+                                                    seq_len=tc.seq_len),
+        train_batches=lambda step, k: data.train_batches(
+            corpus.train, seed=tc.seed, step=step, num_steps=k, batch_size=tc.batch_size,
+            seq_len=tc.seq_len),
+        validate=lambda params: _validate(fns, params, corpus.val, tc),
+        tokens_per_step=tc.batch_size * tc.seq_len,
+        description=f"data {corpus.name} ({len(corpus.train):,} train / {len(corpus.val):,} "
+                    "val bytes)")
+
+
 def _check_inputs(model_cfg: ModelConfig, tc: TrainConfig, placement: parallel.Placement,
                   corpus: data.Corpus) -> None:
     if model_cfg.vocab_size != data.ByteTokenizer.vocab_size:
@@ -127,11 +181,14 @@ def _write_config(out: Path, model_cfg: ModelConfig, tc: TrainConfig, log: Calla
     path = out / "config.json"
     if path.exists():
         old = json.loads(path.read_text())
-        if old.get("model") != model_cfg.to_dict() or old.get("train", {}).get("model") != tc.model:
+        old_train = old.get("train", {})
+        if (old.get("model") != model_cfg.to_dict() or old_train.get("model") != tc.model
+                or old_train.get("task", "lm") != tc.task):
             diff = sorted(k for k, v in model_cfg.to_dict().items()
                           if old.get("model", {}).get(k) != v)
             raise RunConfigError(
-                f"{out} holds a run of a different model (differs in: {', '.join(diff) or 'model'}"
+                f"{out} holds a run of a different model (differs in: "
+                f"{', '.join(diff) or 'model or task'}"
                 "); use another --out, or the same model flags to resume it")
         changed = sorted(k for k, v in tc.to_dict().items() if old.get("train", {}).get(k) != v)
         if changed:
@@ -179,10 +236,11 @@ class _SigtermFlag:
 def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | None = None,
         stop_at: int | None = None, progress: bool | None = None,
         log: Callable[[str], None] | None = None) -> RunResult:
-    """Train (or resume) a language model; write everything into ``tc.out``.
+    """Train (or resume) a model on ``tc.task``; write everything into ``tc.out``.
 
     Args:
-      model_cfg: the model (its ``vocab_size`` must be 256: bytes).
+      model_cfg: the model (for the language model its ``vocab_size`` must be 256: bytes; for a
+        seq2seq task, the task's vocabulary size).
       tc: the training settings.
       devices: devices to use (default: all local devices), resolved with ``tc.parallel``.
       stop_at: stop at this step as if SIGTERM had arrived (checkpoint, no final eval/sample).
@@ -201,22 +259,24 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
     t_start = time.perf_counter()
     log = log or tqdm.write
     placement = parallel.resolve(tc.parallel, devices)
-    corpus = data.load_corpus(tc.data, tc.val_fraction)
-    _check_inputs(model_cfg, tc, placement, corpus)
+    if tc.task == "lm":
+        work = _lm_workload(model_cfg, tc, placement)
+    else:
+        from transformer_jax import seq2seq
+
+        work = seq2seq.workload(model_cfg, tc, placement, log=log)
+    fns = work.fns
     out = Path(tc.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_config(out, model_cfg, tc, log)
-    step_cfg = TrainConfig(**{f: getattr(tc, f) for f in _STEP_FIELDS})
-    fns = _functions(model_cfg, step_cfg, tc.seq_len, placement)
     dev0 = placement.devices[0]
     end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
-    tokens_per_step = tc.batch_size * tc.seq_len
+    evaluation: dict[str, Any] = {}
 
     with Checkpointer(out / "checkpoints", max_to_keep=tc.max_to_keep) as ckpt, \
             _SigtermFlag() as sigterm:
         with jax.default_device(dev0):
-            fresh = jax.eval_shape(lambda: training.init_state(fns.model, fns.tx, seed=tc.seed,
-                                                               seq_len=tc.seq_len))
+            fresh = jax.eval_shape(lambda: work.init_state(tc.seed))
         sharding = jax.sharding.SingleDeviceSharding(dev0)
         restored = ckpt.restore(jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), fresh))
@@ -227,7 +287,7 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
                 "evaluating and sampling only")
         else:
             with jax.default_device(dev0):
-                state = training.init_state(fns.model, fns.tx, seed=tc.seed, seq_len=tc.seq_len)
+                state = work.init_state(tc.seed)
             start = 0
         if placement.kind == "pmap":
             state = parallel.replicate(state, placement.devices)
@@ -235,10 +295,8 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
         peak, peak_source = metrics.peak_flops(placement.devices)
         log(f"{tc.model}: {model_cfg.num_decoder_layers} layers, d_model {model_cfg.d_model}, "
             f"{fns.n_params / 1e6:.2f}M params, {fns.flops_per_token / 1e6:.1f} MFLOP/token; "
-            f"{placement.kind} on "
-            f"{placement.num_devices} {dev0.platform} device(s); data {corpus.name} "
-            f"({len(corpus.train):,} train / {len(corpus.val):,} val bytes); peak "
-            f"{peak / 1e9:.0f} GFLOP/s ({peak_source})")
+            f"{placement.kind} on {placement.num_devices} {dev0.platform} device(s); "
+            f"{work.description}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})")
         host_state = lambda: jax.device_get(
             parallel.unreplicate(state) if placement.kind == "pmap" else state)
         unrep_params = lambda: (parallel.unreplicate(state.params)
@@ -274,9 +332,7 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
         try:
             while step < end and not sigterm.set:
                 stop = _next_stop(step, end, tc)
-                batches = data.train_batches(corpus.train, seed=tc.seed, step=step,
-                                             num_steps=stop - step, batch_size=tc.batch_size,
-                                             seq_len=tc.seq_len)
+                batches = work.train_batches(step, stop - step)
                 if placement.kind == "pmap":
                     batches = parallel.shard_batches(batches, placement.num_devices)
                 state, chunk_metrics = fns.train(state, batches)
@@ -294,7 +350,8 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
                     drain()
                     now = time.perf_counter()
                     # None (JSON null) when the interval held only the compiling call.
-                    tok_s = n_timed * tokens_per_step / (now - t_mark) if n_timed else None
+                    tok_s = (n_timed * work.tokens_per_step / (now - t_mark) if n_timed
+                             else None)
                     if tok_s is not None:
                         rates.append(tok_s)
                     losses = np.concatenate([m["loss"] for m in interval])
@@ -305,11 +362,11 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
                               "time_s": now - t_start}
                     interval.clear()
                     if do_eval:
-                        val_loss = _validate(fns, unrep_params(), corpus.val, tc)
+                        val_loss = work.validate(unrep_params())
                         last_eval = step
                         record.update(val_loss=val_loss, val_bpb=val_loss / math.log(2))
-                        log(f"step {step}: val_loss {val_loss:.4f} nats/byte "
-                            f"({val_loss / math.log(2):.3f} bits/byte)")
+                        log(f"step {step}: val_loss {val_loss:.4f} nats/{work.unit} "
+                            f"({val_loss / math.log(2):.3f} bits/{work.unit})")
                     writer.write(record)
                     postfix["tok/s"] = f"{tok_s:,.0f}" if tok_s else "-"
                     bar.set_postfix(postfix, refresh=False)
@@ -325,15 +382,18 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
                 log(f"stopped at step {step}; checkpoint saved in {out.resolve()}/checkpoints; "
                     "run the same command to resume")
             elif last_eval != step:  # finished earlier: evaluate the restored state once
-                val_loss = _validate(fns, unrep_params(), corpus.val, tc)
-                log(f"step {step}: val_loss {val_loss:.4f} nats/byte")
+                val_loss = work.validate(unrep_params())
+                log(f"step {step}: val_loss {val_loss:.4f} nats/{work.unit}")
+            if not interrupted and work.finish is not None:
+                evaluation = work.finish(jax.device_get(unrep_params()), ckpt, step)
+                writer.write({"step": step, **evaluation})
         finally:
             bar.close()
             writer.close()
         final = host_state()
 
     sample = ""
-    if not interrupted and tc.sample_tokens:
+    if not interrupted and tc.sample_tokens and tc.task == "lm":
         from transformer_jax import sample as sampling
 
         sample = sampling.sample_text(fns.model, final.params, tc.sample_prompt,
@@ -350,4 +410,4 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
     return RunResult(out=out, step=step, start_step=start, val_loss=val_loss,
                      val_bpb=val_loss / math.log(2), tokens_per_s=tok_s,
                      mfu=tok_s * fns.flops_per_token / peak, wall_s=time.perf_counter() - t_start,
-                     interrupted=interrupted, sample=sample, state=final)
+                     interrupted=interrupted, sample=sample, state=final, evaluation=evaluation)
