@@ -3,7 +3,16 @@
 import numpy as np
 import pytest
 
-from transformer_jax.seq2seq_tasks import _ADJECTIVES, _NOUNS, _VERBS, BOS, EOS, PAD, TASKS, get_task
+from transformer_jax.seq2seq_tasks import (
+    _ADJECTIVES,
+    _NOUNS,
+    _VERBS,
+    BOS,
+    EOS,
+    PAD,
+    TASKS,
+    get_task,
+)
 
 
 @pytest.fixture(scope="module", params=sorted(TASKS))

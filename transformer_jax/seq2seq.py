@@ -34,7 +34,7 @@ from transformer_jax.data import IGNORE
 from transformer_jax.model import Transformer, count_params
 from transformer_jax.seq2seq_tasks import PAD, Seq2SeqTask, get_task
 
-__all__ = ["TRAIN_DEFAULTS", "evaluate", "eval_step", "load_run", "loss_and_grads", "workload"]
+__all__ = ["TRAIN_DEFAULTS", "eval_step", "evaluate", "load_run", "loss_and_grads", "workload"]
 
 NUM_VALIDATION = 500
 """Validation examples (teacher-forced loss at every evaluation)."""
@@ -153,7 +153,7 @@ def _abstract_state(model: Transformer, tx: Any, task: Seq2SeqTask, device: Any)
 def workload(model_cfg: ModelConfig, tc: TrainConfig, placement: parallel.Placement, *,
              log: Callable[[str], None]):
     """The :class:`~transformer_jax.loop.Workload` of ``tc.task`` for :func:`loop.run`."""
-    from transformer_jax.loop import Workload, _STEP_FIELDS
+    from transformer_jax.loop import _STEP_FIELDS, Workload
 
     task = get_task(tc.task)
     _check(model_cfg, tc, task, placement)
@@ -183,7 +183,7 @@ def workload(model_cfg: ModelConfig, tc: TrainConfig, placement: parallel.Placem
                                                     input_lengths=lengths),
         train_batches=lambda step, k: task.batches(tc.seed, step, k, tc.batch_size),
         validate=lambda params: _validate(fns, params, val, tc.eval_batch_size),
-        tokens_per_step=int(round(tc.batch_size * tokens)),
+        tokens_per_step=round(tc.batch_size * tokens),
         description=(f"task {task.name} (V={task.vocab_size}, S={task.src_len}, "
                      f"T={task.max_tgt_len}; {len(val)} validation / {len(test)} test "
                      "examples, disjoint from training)"),
