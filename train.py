@@ -95,7 +95,9 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
                    default="cpu-lm" if task == "lm" else "cpu-seq2seq",
                    help="model preset (vocab: 256 bytes for lm, else the task's)")
     g.add_argument("--model", choices=_choices("model"), default=d.model, help="model family")
-    g.add_argument("--layers", type=int, help="decoder layers L (default: the preset's)")
+    g.add_argument("--layers", type=int,
+                   help="decoder layers L, and encoder layers for seq2seq tasks (default: the "
+                        "preset's)")
     g.add_argument("--d-model", type=int, metavar="D", help="model width (default: the preset's)")
     g.add_argument("--heads", type=int, metavar="N",
                    help="attention heads (default: the preset's)")
@@ -168,6 +170,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
     else:
         from transformer_jax.seq2seq_tasks import get_task
 
+        if "num_decoder_layers" in overrides:  # --layers sets both stacks (6 and 6 in §3.1)
+            overrides["num_encoder_layers"] = overrides["num_decoder_layers"]
         model_cfg = dataclasses.replace(base, vocab_size=get_task(args.task).vocab_size,
                                         **overrides)
         name = args.task if args.preset == "cpu-seq2seq" else f"{args.task}-{args.preset}"

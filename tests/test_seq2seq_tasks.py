@@ -62,8 +62,9 @@ def test_algorithmic_targets():
         for src, tgt in get_task(name).examples("train", 100):
             assert tgt == expected(src) and 3 <= len(src) <= 16
     for src, tgt in get_task("add").examples("train", 100):
-        i = src.index("+")
-        assert int("".join(tgt)) == int("".join(src[:i])) + int("".join(src[i + 1:]))
+        assert len(src) == 11 and src[5] == "+" and len(tgt) == 6  # fixed digit positions
+        a, b = int("".join(src[:5])[::-1]), int("".join(src[6:])[::-1])  # least significant first
+        assert int("".join(tgt)[::-1]) == a + b
 
 
 def test_translation_grammar_reorders_and_agrees():
