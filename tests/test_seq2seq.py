@@ -42,6 +42,8 @@ def trained(tmp_path_factory):
     logs = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(seq2seq_tasks.TASKS, "reverse", lambda: TASK)
+        mp.setattr(seq2seq, "NUM_TEST", 250)  # one decoding batch
+        mp.setattr(seq2seq, "NUM_VALIDATION", 128)
         result = loop.run(MODEL, tc, progress=False, log=logs.append)
     return result, read_jsonl(out / "metrics.jsonl"), "\n".join(logs)
 
@@ -55,10 +57,10 @@ def test_tiny_encoder_decoder_learns_reversal(trained):
     final = records[-1]  # the test evaluation is the last metrics line
     assert final == {"step": 300, **result.evaluation}
     assert final["averaged_checkpoints"] == 2 and final["averaged_from_step"] == 250
-    assert final["num_test"] == seq2seq.NUM_TEST and final["beam_size"] == 4
+    assert final["num_test"] == 250 and final["beam_size"] == 4
     assert final["test_exact_match_greedy"] >= 0.9, final
     assert final["test_exact_match_beam"] >= 0.9, final
-    assert 90.0 <= final["test_bleu_beam"] <= 100.0
+    assert 90.0 <= final["test_bleu_beam"] <= 100.0 + 1e-9  # sacrebleu can round above 100
     assert "exact match greedy" in logs and "source: " in logs and "ref: " in logs
 
 
