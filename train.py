@@ -2,6 +2,10 @@
 
 With no flags: the "cpu-lm" preset on the embedded corpus (the Python reference manual that ships
 with CPython), a few minutes on 2 CPU cores. Flags override the preset; ``--help`` lists them.
+``--task translate`` (or reverse, sort, add) trains the encoder–decoder on a generated
+sequence-to-sequence task instead, with the paper's recipe ("cpu-seq2seq" preset and
+:data:`transformer_jax.seq2seq.TRAIN_DEFAULTS`; ``--task translate --help`` shows them), and
+evaluates the test split with greedy and beam search at the end.
 Re-running a command with the same ``--out`` resumes from the run's latest checkpoint.
 Exit status: 0 done (or stopped by SIGTERM with a checkpoint), 1 training diverged, 2 bad input.
 """
@@ -28,7 +32,8 @@ _FLAGS = {"num_decoder_layers": "--layers", "d_model": "--d-model", "num_heads":
           "weight_decay": "--weight-decay", "grad_clip": "--grad-clip",
           "label_smoothing": "--label-smoothing", "seed": "--seed", "log_every": "--log-every",
           "eval_every": "--eval-every", "ckpt_every": "--ckpt-every",
-          "steps_per_call": "--steps-per-call", "sample_tokens": "--sample-tokens"}
+          "steps_per_call": "--steps-per-call", "sample_tokens": "--sample-tokens",
+          "average_last": "--average-last"}
 
 
 def _flagify(message: str) -> str:
@@ -52,9 +57,28 @@ def _choices(name: str) -> tuple[str, ...]:
     return typing.get_args(hints[name])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; every flag documents its default."""
-    d = _DEFAULTS
+_TASKS = ("lm", "translate", "reverse", "sort", "add")
+
+
+def _task_of(argv: Sequence[str] | None) -> str:
+    """The --task value (its defaults decide the other flags' defaults), "lm" if absent/bad."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", default="lm")
+    task = pre.parse_known_args(argv)[0].task
+    return task if task in _TASKS else "lm"
+
+
+def _defaults(task: str) -> TrainConfig:
+    if task == "lm":
+        return _DEFAULTS
+    from transformer_jax.seq2seq import TRAIN_DEFAULTS
+
+    return TRAIN_DEFAULTS
+
+
+def build_parser(task: str = "lm") -> argparse.ArgumentParser:
+    """The argument parser; every flag documents its default (those of ``task``)."""
+    d = _defaults(task)
     p = argparse.ArgumentParser(
         prog="train.py",
         description="Train a byte-level Transformer LM (Vaswani et al., 2017) with JAX/Flax. "
@@ -63,10 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "--out resumes from the latest checkpoint.",
         formatter_class=_HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--preset", choices=sorted(PRESETS), default="cpu-lm",
-                   help="model preset (vocab is always 256: bytes)")
+    g.add_argument("--task", choices=_TASKS, default="lm",
+                   help="lm: byte-level language model on --data; translate, reverse, sort, "
+                        "add: the encoder-decoder on a generated seq2seq task (the paper's "
+                        "recipe; defaults change, see --task translate --help)")
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   default="cpu-lm" if task == "lm" else "cpu-seq2seq",
+                   help="model preset (vocab: 256 bytes for lm, else the task's)")
     g.add_argument("--model", choices=_choices("model"), default=d.model, help="model family")
-    g.add_argument("--layers", type=int, help="decoder layers L (default: the preset's)")
+    g.add_argument("--layers", type=int,
+                   help="decoder layers L, and encoder layers for seq2seq tasks (default: the "
+                        "preset's)")
     g.add_argument("--d-model", type=int, metavar="D", help="model width (default: the preset's)")
     g.add_argument("--heads", type=int, metavar="N",
                    help="attention heads (default: the preset's)")
@@ -130,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-tokens", type=int, default=d.sample_tokens,
                    help="bytes to generate at the end (0: none)")
     g.add_argument("--prompt", default=d.sample_prompt, help="prompt of the final sample")
+    g.add_argument("--average-last", type=int, default=d.average_last, metavar="N",
+                   help="seq2seq tasks: evaluate with the mean parameters of the last N "
+                        "checkpoints (§6.1 averages 5)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -143,9 +177,18 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "num_heads" in overrides:  # keep the preset's multi-head (not grouped) attention
         overrides["num_kv_heads"] = overrides["num_heads"]
-    model_cfg = dataclasses.replace(
-        base, vocab_size=256, max_len=max(base.max_len, args.seq_len), **overrides)
-    name = args.preset
+    if args.task == "lm":
+        model_cfg = dataclasses.replace(
+            base, vocab_size=256, max_len=max(base.max_len, args.seq_len), **overrides)
+        name = args.preset
+    else:
+        from transformer_jax.seq2seq_tasks import get_task
+
+        if "num_decoder_layers" in overrides:  # --layers sets both stacks (6 and 6 in §3.1)
+            overrides["num_encoder_layers"] = overrides["num_decoder_layers"]
+        model_cfg = dataclasses.replace(base, vocab_size=get_task(args.task).vocab_size,
+                                        **overrides)
+        name = args.task if args.preset == "cpu-seq2seq" else f"{args.task}-{args.preset}"
     short = {"num_decoder_layers": "L", "d_model": "D", "num_heads": "N", "d_ff": "F",
              "dropout_rate": "drop", "dtype": ""}
     for key, tag in short.items():
@@ -161,13 +204,15 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         grad_clip=args.grad_clip, label_smoothing=args.label_smoothing,
         log_every=args.log_every, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
         steps_per_call=args.steps_per_call, parallel=args.parallel, mesh=args.mesh,
-        sample_tokens=args.sample_tokens, sample_prompt=args.prompt)
+        sample_tokens=args.sample_tokens, sample_prompt=args.prompt, task=args.task,
+        average_last=args.average_last,
+        max_to_keep=max(_DEFAULTS.max_to_keep, args.average_last))
     return model_cfg, train_cfg
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, train, print where everything went; returns the exit status."""
-    parser = build_parser()
+    parser = build_parser(_task_of(argv))
     args = parser.parse_args(argv)
     from transformer_jax import distributed
 
@@ -195,8 +240,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     minutes, seconds = divmod(r.wall_s, 60)
     speed = (f"{r.tokens_per_s:,.0f} tokens/s (median), MFU {100 * r.mfu:.1f}%"
              if math.isfinite(r.tokens_per_s) else "too few steps after compilation to time")
-    print(f"step {r.step}: val_loss {r.val_loss:.4f} nats/byte ({r.val_bpb:.3f} bits/byte); "
+    unit = "byte" if train_cfg.task == "lm" else "token"
+    print(f"step {r.step}: val_loss {r.val_loss:.4f} nats/{unit} ({r.val_bpb:.3f} bits/{unit}); "
           f"{speed}; wall {int(minutes)}m{seconds:04.1f}s")
+    if r.evaluation:
+        e = r.evaluation
+        print(f"test exact match: greedy {e['test_exact_match_greedy']:.4f}, beam "
+              f"{e['test_exact_match_beam']:.4f}; BLEU: greedy {e['test_bleu_greedy']:.2f}, "
+              f"beam {e['test_bleu_beam']:.2f}")
     if r.sample:
         print(f"sample (prompt {train_cfg.sample_prompt!r}):\n{r.sample}\n")
     written = ["config.json", "metrics.jsonl", "tensorboard/", "checkpoints/", "loss.png"]

@@ -1,12 +1,14 @@
 """Regenerate the README's pictures from runs and benchmark results (nothing drawn by hand).
 
     python benchmarks/make_figures.py [--run runs/cpu-lm] [--compare runs/lstm ...]
+                                      [--translate-run runs/translate]
 
 Writes into docs/figures/:
   * positions.png      — the sinusoidal encoding (§3.5) and its position-similarity matrix
   * attention_grid.png — all heads of the last layer of the default run on a code snippet
   * attention_head.png — one head, larger
   * curves.png         — loss / validation loss / lr / tokens/s of the run(s)
+  * cross_attention.png — cross-attention of ``python train.py --task translate`` (if trained)
 The benchmark plots stay where their scripts write them (benchmarks/results/<name>/).
 """
 
@@ -23,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from transformer_jax import visualize  # noqa: E402
 
 TEXT = "for i in range(10):\n    print(i)"
+SENTENCE = "the big red cats near a dog saw this old king today"
 
 
 def main(argv=None) -> int:
@@ -31,6 +34,8 @@ def main(argv=None) -> int:
                         help="the trained run to draw attention and curves from")
     parser.add_argument("--compare", type=Path, nargs="*", default=[],
                         help="more runs to overlay on the curves")
+    parser.add_argument("--translate-run", type=Path, default=ROOT / "runs" / "translate",
+                        help="the trained translate run to draw cross-attention from")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "figures")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -51,6 +56,13 @@ def main(argv=None) -> int:
     else:
         print(f"no run at {args.run}: train one with `python train.py` first", file=sys.stderr)
         status = 2
+    if (args.translate_run / "config.json").is_file():
+        status |= visualize.main(["attention", "--run", str(args.translate_run), "--src",
+                                  SENTENCE, "--kind", "cross", "--layer", "1",
+                                  "--out", str(out / "cross_attention.png")])
+    else:
+        print(f"no run at {args.translate_run}: `python train.py --task translate` draws "
+              "cross_attention.png", file=sys.stderr)
     return status
 
 

@@ -30,3 +30,32 @@ def random_params(model, *inputs, seed=0):
         return jnp.asarray(std * rng.standard_normal(leaf.shape), leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def write_seq2seq_run(out, task_name="reverse", seeds=(0, 1)):
+    """A ``train.py --task`` run directory with checkpoints of untrained parameters (no training).
+
+    One checkpoint per seed, at steps 10, 20, ...: ``init_state`` with that seed. Returns
+    (model config, train config).
+    """
+    import dataclasses
+    import json
+
+    from transformer_jax import seq2seq, training
+    from transformer_jax.checkpoint import Checkpointer
+    from transformer_jax.model import Transformer
+    from transformer_jax.seq2seq_tasks import get_task
+
+    task = get_task(task_name)
+    cfg = dataclasses.replace(TINY, vocab_size=task.vocab_size, num_encoder_layers=1,
+                              num_decoder_layers=1, max_len=24)
+    tc = dataclasses.replace(seq2seq.TRAIN_DEFAULTS, task=task_name, out=str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "train": tc.to_dict()}))
+    model, tx = Transformer(cfg), training.make_optimizer(tc, cfg.d_model)
+    lengths = (task.src_len, task.max_tgt_len + 1)
+    with Checkpointer(out / "checkpoints") as ckpt:
+        for i, seed in enumerate(seeds):
+            ckpt.save(10 * (i + 1), training.init_state(model, tx, seed=seed,
+                                                        input_lengths=lengths))
+    return cfg, tc

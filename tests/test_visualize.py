@@ -94,3 +94,60 @@ def test_bad_arguments_exit_2_with_one_line(args, message, lm_run, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o.png").exists()
+
+
+# ---- the encoder–decoder: encoder self-, decoder self- and cross-attention ------------------
+
+
+@pytest.fixture(scope="module")
+def seq2seq_run(tmp_path_factory):
+    """A reversal run directory with an untrained tiny encoder–decoder (1 + 1 layers, 2 heads)."""
+    from model_helpers import write_seq2seq_run
+
+    out = tmp_path_factory.mktemp("viz") / "s2s"
+    write_seq2seq_run(out, "reverse", seeds=(0,))
+    return out
+
+
+def test_encoder_decoder_maps_have_the_right_axes(seq2seq_run):
+    from transformer_jax.seq2seq import load_run
+
+    run = load_run(seq2seq_run)
+    src = np.asarray([[3, 4, 5, 2]], np.int32)  # "a b c <eos>"
+    tgt = np.asarray([[1, 5, 4]], np.int32)  # "<bos> c b"
+    maps = visualize.attention_maps(run.model, run.params, src, tgt)
+    assert list(maps) == ["decoder_0/cross_attention", "decoder_0/self_attention",
+                          "encoder_0/self_attention"]
+    assert maps["encoder_0/self_attention"].shape == (2, 4, 4)
+    assert maps["decoder_0/self_attention"].shape == (2, 3, 3)
+    assert maps["decoder_0/cross_attention"].shape == (2, 3, 4)
+    for probs in maps.values():
+        np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert np.triu(maps["decoder_0/self_attention"], k=1).max() == 0.0
+
+
+@pytest.mark.parametrize("extra", [["--tgt", "e d c", "--kind", "encoder", "--head", "1"],
+                                   ["--tgt", "e d c", "--kind", "decoder"],
+                                   []])  # cross-attention to the model's own translation
+def test_encoder_decoder_attention_pngs(seq2seq_run, tmp_path, extra):
+    out = tmp_path / "attention.png"
+    assert visualize.main(["attention", "--run", str(seq2seq_run), "--src", "a b c d e",
+                           *extra, "--out", str(out)]) == 0
+    w, h = png_size(out)
+    assert 300 < w < 2000 and 300 < h < 2000
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--text", "x"], "pass --src"),
+    (["--src", "a zebra"], "'zebra'"),
+    (["--src", "a b", "--tgt", "a " * 17], "at most 16"),
+    (["--src", "a b", "--tgt", "a", "--layer", "1"], "--layer 1 out of range"),
+    (["--src", "a b", "--tgt", "a", "--head", "2"], "--head 2 out of range"),
+])
+def test_encoder_decoder_bad_arguments_exit_2(seq2seq_run, tmp_path, capsys, args, message):
+    out = tmp_path / "o.png"
+    assert visualize.main(["attention", "--run", str(seq2seq_run), *args,
+                           "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()

@@ -21,13 +21,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["CheckpointError", "Checkpointer", "Restored"]
+__all__ = ["CheckpointError", "Checkpointer", "Restored", "average_trees"]
 
 
 class CheckpointError(RuntimeError):
@@ -150,6 +152,29 @@ class Checkpointer:
             "Remove or move the folder, or train into another --out directory."
         )
 
+    def average(self, abstract_state: Any, *, last: int,
+                select: Callable[[Any], Any] = lambda state: state) -> tuple[Any, list[int]]:
+        """The mean of ``select(state)`` over the newest ``last`` checkpoints (§6.1 averages 5).
+
+        Args:
+          abstract_state: as for :meth:`restore`.
+          last: how many of the newest checkpoints to average (fewer if fewer exist).
+          select: the part of each state to average, e.g. ``lambda s: s.params``.
+
+        Returns:
+          (the averaged tree, the steps averaged, ascending).
+
+        Raises:
+          CheckpointError: no checkpoint, or one of the chosen ones cannot be restored.
+        """
+        if last < 1:
+            raise ValueError(f"last must be >= 1, got {last}")
+        steps = self.all_steps()[-last:]
+        if not steps:
+            raise CheckpointError(f"{self.directory} holds no checkpoint to average")
+        trees = [select(self.restore(abstract_state, step=s).state) for s in steps]
+        return average_trees(trees), steps
+
     def _set_aside(self, steps: list[int]) -> None:
         """Rename unrestorable step folders so that later saves of those steps are possible."""
         for s in steps:
@@ -187,3 +212,20 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def average_trees(trees: list[Any]) -> Any:
+    """Leaf-wise mean of pytrees of the same structure, summed in float64, in each leaf's dtype.
+
+    One tree is returned unchanged (bit for bit); this is how checkpoints are averaged.
+    """
+    if not trees:
+        raise ValueError("average_trees needs at least one tree")
+    if len(trees) == 1:
+        return trees[0]
+
+    def mean(*leaves):
+        total = sum(np.asarray(x, np.float64) for x in leaves)
+        return np.asarray(total / len(leaves), np.asarray(leaves[0]).dtype)
+
+    return jax.tree.map(mean, *trees)

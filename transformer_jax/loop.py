@@ -1,5 +1,9 @@
 """The training loop: ``python train.py`` is :func:`run` with flags turned into configs.
 
+The loop trains a :class:`Workload`: the byte-level language model by default, or, with
+``TrainConfig.task``, the encoder–decoder on a sequence-to-sequence task
+(:func:`transformer_jax.seq2seq.workload`, which also evaluates the test split at the end).
+
 One run directory holds ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``,
 ``samples.txt`` and ``loss.png``. Running again into the same directory resumes from the newest
 restorable checkpoint; because the batches of step ``s`` depend only on ``(seed, s)`` and the
@@ -33,12 +37,12 @@ from transformer_jax import data, distributed, metrics, parallel, sharding, trai
 from transformer_jax.checkpoint import Checkpointer
 from transformer_jax.config import ModelConfig, TrainConfig
 
-__all__ = ["NonFiniteError", "RunConfigError", "RunResult", "run"]
+__all__ = ["NonFiniteError", "RunConfigError", "RunResult", "Workload", "run"]
 
 # Fields of TrainConfig that change the compiled train step (the others are the loop's).
 _STEP_FIELDS = ("model", "steps", "grad_accum", "optimizer", "lr", "min_lr_ratio", "schedule",
                 "warmup", "b1", "b2", "eps", "weight_decay", "grad_clip", "label_smoothing",
-                "steps_per_call", "max_nonfinite")
+                "steps_per_call", "max_nonfinite", "task")
 
 
 class RunConfigError(ValueError):
@@ -65,6 +69,7 @@ class RunResult:
       interrupted: stopped early by SIGTERM (or ``stop_at``), checkpoint saved.
       sample: the text generated at the end ("" if none).
       state: the final :class:`~transformer_jax.training.TrainState` (host arrays, unreplicated).
+      evaluation: the workload's final evaluation (the last ``metrics.jsonl`` line), or {}.
     """
 
     out: Path
@@ -78,6 +83,7 @@ class RunResult:
     interrupted: bool
     sample: str
     state: Any = dataclasses.field(repr=False, default=None)
+    evaluation: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +116,58 @@ def _functions(model_cfg: ModelConfig, step_cfg: TrainConfig, seq_len: int,
     return _Functions(model, tx, train, evaluate, flops, n_params)
 
 
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What :func:`run` trains: a model with its steps, data and validation.
+
+    Attributes:
+      fns: the model, optimizer and compiled steps.
+      init_state: seed -> a fresh :class:`~transformer_jax.training.TrainState` (also traced
+        with ``jax.eval_shape`` to restore checkpoints).
+      train_batches: (step, k, rows=slice(None)) -> [k, b, W] int32: rows ``rows`` of the
+        global batches [k, B, W] of steps step … step + k - 1; a pure function of (seed, step).
+        (On a multi-host mesh each process asks only for its own devices' rows.)
+      width: W, the width of a batch row.
+      validate: params -> mean validation loss (nats per target token).
+      tokens_per_step: target tokens per optimizer step (the tokens/s numerator).
+      description: the data part of the start-up log line.
+      unit: what a target token is in log lines ("byte", "token").
+      finish: optional (final params, checkpointer, step) -> a metrics record, written as the
+        last line of ``metrics.jsonl`` when training completes (the seq2seq test evaluation).
+    """
+
+    fns: _Functions
+    init_state: Callable[[int], Any]
+    train_batches: Callable[..., np.ndarray]
+    width: int
+    validate: Callable[[Any], float]
+    tokens_per_step: int
+    description: str
+    unit: str = "byte"
+    finish: Callable[[Any, Checkpointer, int], dict[str, Any]] | None = None
+
+
+def _lm_workload(model_cfg: ModelConfig, tc: TrainConfig,
+                 placement: parallel.Placement) -> Workload:
+    """The byte-level language model on the corpus of ``tc.data``."""
+    corpus = data.load_corpus(tc.data, tc.val_fraction)
+    _check_inputs(model_cfg, tc, placement, corpus)
+    step_cfg = TrainConfig(**{f: getattr(tc, f) for f in _STEP_FIELDS})
+    fns = _functions(model_cfg, step_cfg, tc.seq_len, placement)
+    return Workload(
+        fns=fns,
+        init_state=lambda seed: training.init_state(fns.model, fns.tx, seed=seed,
+                                                    seq_len=tc.seq_len),
+        train_batches=lambda step, k, rows=slice(None): data.train_batches(
+            corpus.train, seed=tc.seed, step=step, num_steps=k, batch_size=tc.batch_size,
+            seq_len=tc.seq_len, rows=rows),
+        width=tc.seq_len + 1,
+        validate=lambda params: _validate(fns, params, corpus.val, tc, placement),
+        tokens_per_step=tc.batch_size * tc.seq_len,
+        description=f"data {corpus.name} ({len(corpus.train):,} train / {len(corpus.val):,} "
+                    "val bytes)")
+
+
 def _check_inputs(model_cfg: ModelConfig, tc: TrainConfig, placement: parallel.Placement,
                   corpus: data.Corpus) -> None:
     if model_cfg.vocab_size != data.ByteTokenizer.vocab_size:
@@ -127,11 +185,14 @@ def _write_config(out: Path, model_cfg: ModelConfig, tc: TrainConfig, log: Calla
     path = out / "config.json"
     if path.exists():
         old = json.loads(path.read_text())
-        if old.get("model") != model_cfg.to_dict() or old.get("train", {}).get("model") != tc.model:
+        old_train = old.get("train", {})
+        if (old.get("model") != model_cfg.to_dict() or old_train.get("model") != tc.model
+                or old_train.get("task", "lm") != tc.task):
             diff = sorted(k for k, v in model_cfg.to_dict().items()
                           if old.get("model", {}).get(k) != v)
             raise RunConfigError(
-                f"{out} holds a run of a different model (differs in: {', '.join(diff) or 'model'}"
+                f"{out} holds a run of a different model (differs in: "
+                f"{', '.join(diff) or 'model or task'}"
                 "); use another --out, or the same model flags to resume it")
         changed = sorted(k for k, v in tc.to_dict().items() if old.get("train", {}).get(k) != v)
         if changed:
@@ -190,10 +251,11 @@ class _SigtermFlag:
 def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | None = None,
         stop_at: int | None = None, progress: bool | None = None,
         log: Callable[[str], None] | None = None) -> RunResult:
-    """Train (or resume) a language model; write everything into ``tc.out``.
+    """Train (or resume) a model on ``tc.task``; write everything into ``tc.out``.
 
     Args:
-      model_cfg: the model (its ``vocab_size`` must be 256: bytes).
+      model_cfg: the model (for the language model its ``vocab_size`` must be 256: bytes; for a
+        seq2seq task, the task's vocabulary size).
       tc: the training settings.
       devices: devices to use (default: all local devices), resolved with ``tc.parallel``.
       stop_at: stop at this step as if SIGTERM had arrived (checkpoint, no final eval/sample).
@@ -218,22 +280,25 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
     lead = distributed.is_lead()  # in a multi-host run only process 0 writes logs and files
     if not lead:
         log, progress = (lambda message: None), False
-    corpus = data.load_corpus(tc.data, tc.val_fraction)
-    _check_inputs(model_cfg, tc, placement, corpus)
+    if tc.task == "lm":
+        work = _lm_workload(model_cfg, tc, placement)
+    else:
+        from transformer_jax import seq2seq
+
+        work = seq2seq.workload(model_cfg, tc, placement, log=log)
+    fns = work.fns
     out = Path(tc.out)
     out.mkdir(parents=True, exist_ok=True)
     if lead:
         _write_config(out, model_cfg, tc, log)
-    step_cfg = TrainConfig(**{f: getattr(tc, f) for f in _STEP_FIELDS})
-    fns = _functions(model_cfg, step_cfg, tc.seq_len, placement)
     # This process's first device (every process's own under a multi-host mesh).
     dev0 = next(d for d in placement.devices if d.process_index == jax.process_index())
     end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
-    tokens_per_step = tc.batch_size * tc.seq_len
+    evaluation: dict[str, Any] = {}
 
     with Checkpointer(out / "checkpoints", max_to_keep=tc.max_to_keep) as ckpt, \
             _SigtermFlag() as sigterm:
-        init = lambda: training.init_state(fns.model, fns.tx, seed=tc.seed, seq_len=tc.seq_len)
+        init = functools.partial(work.init_state, tc.seed)
         fresh = jax.eval_shape(init)
         # Restored straight into this placement's shardings (whatever mesh saved it).
         restored = ckpt.restore(placement.target(fresh))
@@ -252,9 +317,7 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
             f"{placement.kind} on "
             f"{placement.num_devices} {dev0.platform} device(s)"
             f"{'' if placement.mesh is None else f' (mesh {dict(placement.mesh.shape)})'}; "
-            f"data {corpus.name} "
-            f"({len(corpus.train):,} train / {len(corpus.val):,} val bytes); peak "
-            f"{peak / 1e9:.0f} GFLOP/s ({peak_source})")
+            f"{work.description}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})")
         host_state = lambda: placement.to_host(state)
         unrep_params = lambda: placement.params(state)
         schedule = training.make_schedule(tc, model_cfg.d_model)
@@ -288,10 +351,8 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
             while step < end and not stop_now:
                 stop = _next_stop(step, end, tc)
                 batches = placement.batches(  # each host loads its own rows
-                    functools.partial(data.train_batches, corpus.train, seed=tc.seed, step=step,
-                                      num_steps=stop - step, batch_size=tc.batch_size,
-                                      seq_len=tc.seq_len),
-                    (stop - step, tc.batch_size, tc.seq_len + 1))
+                    functools.partial(work.train_batches, step, stop - step),
+                    (stop - step, tc.batch_size, work.width))
                 state, chunk_metrics = fns.train(state, batches)
                 drain()  # the previous call's metrics: the device already has this call queued
                 pending = chunk_metrics
@@ -309,7 +370,8 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
                     drain()
                     now = time.perf_counter()
                     # None (JSON null) when the interval held only the compiling call.
-                    tok_s = n_timed * tokens_per_step / (now - t_mark) if n_timed else None
+                    tok_s = (n_timed * work.tokens_per_step / (now - t_mark) if n_timed
+                             else None)
                     if tok_s is not None:
                         rates.append(tok_s)
                     losses = np.concatenate([m["loss"] for m in interval])
@@ -320,11 +382,11 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
                               "time_s": now - t_start}
                     interval.clear()
                     if do_eval:
-                        val_loss = _validate(fns, unrep_params(), corpus.val, tc, placement)
+                        val_loss = work.validate(unrep_params())
                         last_eval = step
                         record.update(val_loss=val_loss, val_bpb=val_loss / math.log(2))
-                        log(f"step {step}: val_loss {val_loss:.4f} nats/byte "
-                            f"({val_loss / math.log(2):.3f} bits/byte)")
+                        log(f"step {step}: val_loss {val_loss:.4f} nats/{work.unit} "
+                            f"({val_loss / math.log(2):.3f} bits/{work.unit})")
                     writer.write(record)
                     postfix["tok/s"] = f"{tok_s:,.0f}" if tok_s else "-"
                     bar.set_postfix(postfix, refresh=False)
@@ -340,8 +402,11 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
                 log(f"stopped at step {step}; checkpoint saved in {out.resolve()}/checkpoints; "
                     "run the same command to resume")
             elif last_eval != step:  # finished earlier: evaluate the restored state once
-                val_loss = _validate(fns, unrep_params(), corpus.val, tc, placement)
-                log(f"step {step}: val_loss {val_loss:.4f} nats/byte")
+                val_loss = work.validate(unrep_params())
+                log(f"step {step}: val_loss {val_loss:.4f} nats/{work.unit}")
+            if not interrupted and work.finish is not None:
+                evaluation = work.finish(sharding.to_host(unrep_params()), ckpt, step)
+                writer.write({"step": step, **evaluation})
         finally:
             bar.close()
             writer.close()
@@ -352,8 +417,8 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
         return RunResult(out=out, step=step, start_step=start, val_loss=val_loss,
                          val_bpb=val_loss / math.log(2), tokens_per_s=math.nan, mfu=math.nan,
                          wall_s=time.perf_counter() - t_start, interrupted=interrupted,
-                         sample="", state=final)
-    if not interrupted and tc.sample_tokens:
+                         sample="", state=final, evaluation=evaluation)
+    if not interrupted and tc.sample_tokens and tc.task == "lm":
         from transformer_jax import sample as sampling
 
         sample = sampling.sample_text(fns.model, final.params, tc.sample_prompt,
@@ -370,4 +435,4 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
     return RunResult(out=out, step=step, start_step=start, val_loss=val_loss,
                      val_bpb=val_loss / math.log(2), tokens_per_s=tok_s,
                      mfu=tok_s * fns.flops_per_token / peak, wall_s=time.perf_counter() - t_start,
-                     interrupted=interrupted, sample=sample, state=final)
+                     interrupted=interrupted, sample=sample, state=final, evaluation=evaluation)

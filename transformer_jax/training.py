@@ -191,19 +191,23 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, *,
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, *, seed: int,
-               seq_len: int) -> TrainState:
+               seq_len: int | None = None,
+               input_lengths: tuple[int, ...] | None = None) -> TrainState:
     """A fresh state: params from ``fold_in(PRNGKey(seed), 0)``, dropout root from ``..., 1``.
 
-    Compiled once per (model, optimizer, seq_len); the seed is a traced argument.
+    The model is initialised on int32 zeros [1, T] for each length of ``input_lengths`` (one
+    per positional input, e.g. (S, T) for the encoder–decoder), or of ``(seq_len,)``.
+    Compiled once per (model, optimizer, lengths); the seed is a traced argument.
     """
-    return _init_state(model, tx, seq_len, jnp.asarray(seed, jnp.uint32))
+    lengths = input_lengths if input_lengths is not None else (seq_len,)
+    return _init_state(model, tx, tuple(lengths), jnp.asarray(seed, jnp.uint32))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _init_state(model, tx, seq_len, seed):
+def _init_state(model, tx, lengths, seed):
     root = jax.random.PRNGKey(seed)
     params_key, dropout_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
-    params = model.init(params_key, jnp.zeros((1, seq_len), jnp.int32))["params"]
+    params = model.init(params_key, *(jnp.zeros((1, n), jnp.int32) for n in lengths))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=dropout_key)
 
@@ -226,19 +230,24 @@ def _mean_loss_and_grads(apply_fn, params, batch, key, *, label_smoothing, dropo
 
 def train_step(state: TrainState, batch: jax.Array, *, apply_fn: Callable[..., Any],
                tx: optax.GradientTransformation, label_smoothing: float = 0.0,
-               grad_accum: int = 1, dropout: bool = False,
-               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               grad_accum: int = 1, dropout: bool = False, axis_name: str | None = None,
+               loss_and_grads: Callable[..., Any] | None = None,
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on one batch: pure, so it runs under jit, pmap or scan alike.
 
     Args:
       state: the current :class:`TrainState`.
-      batch: [B, T + 1] int32 (this device's share of the global batch under pmap).
+      batch: [B, T + 1] int32 (this device's share of the global batch under pmap); another
+        layout where ``loss_and_grads`` reads one (the encoder–decoder packs source and target).
       apply_fn: the model's ``apply``.
       tx: the optimizer from :func:`make_optimizer`.
       label_smoothing: ε of the loss (§5.4).
       grad_accum: split ``batch`` into this many micro-batches, one forward/backward each.
       dropout: run the model in training mode (needs ``dropout_rate > 0`` to matter).
       axis_name: the pmapped axis to average gradients and metrics over; ``None`` under jit.
+      loss_and_grads: ``(apply_fn, params, batch, key, *, label_smoothing, dropout) -> (mean
+        loss, grads)`` of one micro-batch; default: the language model's next-token loss.
+        The encoder–decoder's is :func:`transformer_jax.seq2seq.loss_and_grads`.
 
     Returns:
       (new state, metrics): ``loss`` (mean training loss), ``grad_norm`` (global norm before
@@ -247,8 +256,8 @@ def train_step(state: TrainState, batch: jax.Array, *, apply_fn: Callable[..., A
     key = jax.random.fold_in(state.rng, state.step)  # per-step dropout randomness
     if axis_name is not None:  # different dropout masks on different devices
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-    grads_of = functools.partial(_mean_loss_and_grads, apply_fn, label_smoothing=label_smoothing,
-                                 dropout=dropout)
+    grads_of = functools.partial(loss_and_grads or _mean_loss_and_grads, apply_fn,
+                                 label_smoothing=label_smoothing, dropout=dropout)
     if grad_accum == 1:
         loss, grads = grads_of(state.params, batch, key)
     else:

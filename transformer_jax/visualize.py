@@ -1,13 +1,17 @@
 """Look inside: attention heatmaps, training curves and the sinusoidal position encoding.
 
     python -m transformer_jax.visualize attention --run DIR --text "..." [--layer L] [--head H] --out F.png
+    python -m transformer_jax.visualize attention --run DIR --src "..." [--tgt "..."]
+        [--kind encoder|decoder|cross] [--layer L] [--head H] --out F.png
     python -m transformer_jax.visualize curves RUN_DIR [RUN_DIR ...] --out F.png
     python -m transformer_jax.visualize positions --d-model D --max-len T --out F.png
 
 ``attention`` loads the newest checkpoint of a run and plots softmax(QKᵀ/√d_k) for one head
 (``--head``) or all heads of a layer as a grid; tokens label the axes (query rows, key
-columns). For an encoder–decoder run, ``--src``/``--tgt`` give the sentence pair and ``--kind``
-picks encoder self-, decoder self- or cross-attention. Errors exit with status 2 and one line.
+columns). For an encoder–decoder run (``train.py --task ...``), ``--src``/``--tgt`` give the
+sentence pair (``--tgt`` defaults to the model's own beam-search translation) and ``--kind``
+picks encoder self-, decoder self- or cross-attention (the default); ``--layer`` counts layers
+of that kind. Errors exit with status 2 and one line.
 """
 
 from __future__ import annotations
@@ -164,7 +168,71 @@ def plot_positions(d_model: int, max_len: int, out: Path) -> None:
     plt.close(fig)
 
 
+# --kind -> (block name prefix, attention module, title).
+_KINDS = {"encoder": ("encoder", "self_attention", "encoder self-attention"),
+          "decoder": ("decoder", "self_attention", "decoder self-attention"),
+          "cross": ("decoder", "cross_attention", "cross-attention")}
+
+
+def _seq2seq_attention(args, run: Path) -> None:
+    """Encoder self-, decoder self- or cross-attention of an encoder–decoder run."""
+    from transformer_jax.checkpoint import CheckpointError
+    from transformer_jax.seq2seq import load_run
+    from transformer_jax.seq2seq_tasks import BOS
+    from transformer_jax.translate import translate
+
+    if args.src is None:
+        raise VisualizeError("--run holds an encoder-decoder; pass --src (and optionally --tgt)")
+    if args.text is not None:
+        raise VisualizeError("--text is for language-model runs; use --src/--tgt")
+    if not args.src.split():
+        raise VisualizeError("--src is empty")
+    try:
+        loaded = load_run(run)
+    except CheckpointError as e:
+        raise VisualizeError(str(e)) from None
+    task = loaded.task
+    try:
+        src_ids = task.source_ids([args.src.lower().split()])
+        if args.tgt is not None:
+            tgt_words = args.tgt.lower().split()
+        else:  # the model's own translation (an unfinished one cut to the longest target)
+            tgt_words = translate(loaded, [args.src])[0].split()[:task.max_tgt_len]
+        if len(tgt_words) > task.max_tgt_len:
+            raise ValueError(f"--tgt has {len(tgt_words)} words; the {task.name} task allows "
+                             f"at most {task.max_tgt_len}")
+        tgt_ids = np.asarray([[BOS, *task.encode(tgt_words)]], np.int32)
+    except ValueError as e:
+        raise VisualizeError(str(e)) from None
+    src_ids = src_ids[:, :int((src_ids != 0).sum())]  # words and <eos>, no padding
+    maps = attention_maps(loaded.model, loaded.params, src_ids, tgt_ids)
+    kind = args.kind or "cross"
+    block, module, title = _KINDS[kind]
+    names = [n for n in maps if n.startswith(block + "_") and n.endswith("/" + module)]
+    probs = _pick(maps, names, args)
+    src_labels = [task.vocab[i] for i in src_ids[0]]
+    tgt_labels = [task.vocab[i] for i in tgt_ids[0]]
+    rows = src_labels if block == "encoder" else tgt_labels
+    cols = tgt_labels if kind == "decoder" else src_labels
+    plot_attention(probs, rows, cols, Path(args.out), head=args.head,
+                   title=f"{run.name} step {loaded.steps[-1]}: {title}, layer {args.layer}")
+
+
+def _pick(maps: dict[str, np.ndarray], names: list[str], args) -> np.ndarray:
+    """The probabilities of layer ``args.layer`` among ``names``; checks --layer and --head."""
+    if not 0 <= args.layer < len(names):
+        raise VisualizeError(f"--layer {args.layer} out of range: the model has {len(names)} "
+                             f"such attention layers (0 to {len(names) - 1})")
+    probs = maps[names[args.layer]]
+    if args.head is not None and not 0 <= args.head < probs.shape[0]:
+        raise VisualizeError(f"--head {args.head} out of range: layer {args.layer} has "
+                             f"{probs.shape[0]} heads (0 to {probs.shape[0] - 1})")
+    return probs
+
+
 def _attention_command(args) -> str:
+    import json
+
     from transformer_jax.data import ByteTokenizer
     from transformer_jax.model import Transformer, TransformerLM
     from transformer_jax.sample import load_run
@@ -172,6 +240,12 @@ def _attention_command(args) -> str:
     run = Path(args.run)
     if not (run / "config.json").is_file():
         raise VisualizeError(f"--run {run}: not a run directory (no config.json)")
+    if json.loads((run / "config.json").read_text())["train"].get("task", "lm") != "lm":
+        _seq2seq_attention(args, run)
+        return args.out
+    if args.src is not None or args.tgt is not None or args.kind is not None:
+        raise VisualizeError("--src, --tgt and --kind are for encoder-decoder runs "
+                             "(train.py --task ...); use --text")
     model, params, step, cfg, _ = load_run(run)
     tok = ByteTokenizer()
     if isinstance(model, Transformer):
@@ -186,13 +260,7 @@ def _attention_command(args) -> str:
                              f"{min(cfg.max_len, _MAX_TOKENS)} (max_len={cfg.max_len})")
     maps = attention_maps(model, params, ids[None].astype(np.int32))
     names = list(maps)
-    if not 0 <= args.layer < len(names):
-        raise VisualizeError(f"--layer {args.layer} out of range: the model has {len(names)} "
-                             f"attention layers (0 to {len(names) - 1})")
-    probs = maps[names[args.layer]]
-    if args.head is not None and not 0 <= args.head < probs.shape[0]:
-        raise VisualizeError(f"--head {args.head} out of range: layer {args.layer} has "
-                             f"{probs.shape[0]} heads (0 to {probs.shape[0] - 1})")
+    probs = _pick(maps, names, args)
     labels = _labels(tok, ids)
     plot_attention(probs, labels, labels, Path(args.out),
                    title=f"{run.name} step {step}: {names[args.layer]}", head=args.head)
@@ -206,7 +274,14 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("attention", help="attention heatmaps from a trained checkpoint")
     a.add_argument("--run", required=True, help="run directory (as written by train.py)")
     a.add_argument("--text", help="input text (language-model runs), at most 64 tokens")
-    a.add_argument("--layer", type=int, default=0, help="attention layer index (default 0)")
+    a.add_argument("--src", help="source sentence (encoder-decoder runs)")
+    a.add_argument("--tgt", help="target sentence (encoder-decoder runs; default: the "
+                                 "model's beam-search translation of --src)")
+    a.add_argument("--kind", choices=sorted(_KINDS), default=None,
+                   help="encoder-decoder runs: encoder self-, decoder self- or cross-attention "
+                        "(default: cross)")
+    a.add_argument("--layer", type=int, default=0,
+                   help="attention layer index (of that --kind for encoder-decoders; default 0)")
     a.add_argument("--head", type=int, default=None, help="one head (default: all, as a grid)")
     a.add_argument("--out", required=True, help="PNG file to write")
     c = sub.add_parser("curves", help="training curves of one or more runs, overlaid")
