@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import signal
 import statistics
@@ -29,9 +28,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from transformer_jax import data, metrics, parallel, training
+from transformer_jax import data, metrics, parallel, rundir, training
 from transformer_jax.checkpoint import Checkpointer
 from transformer_jax.config import ModelConfig, TrainConfig
+from transformer_jax.rundir import RunConfigError
 
 __all__ = ["NonFiniteError", "RunConfigError", "RunResult", "run"]
 
@@ -41,12 +41,8 @@ _STEP_FIELDS = ("model", "steps", "grad_accum", "optimizer", "lr", "min_lr_ratio
                 "steps_per_call", "max_nonfinite")
 
 
-class RunConfigError(ValueError):
-    """The run cannot start as configured (the message says why and what to change)."""
-
-
 class NonFiniteError(RuntimeError):
-    """Training produced non-finite gradients ``max_nonfinite`` times in a row."""
+    """Training produced a non-finite loss or gradients ``max_nonfinite`` times in a row."""
 
 
 @dataclasses.dataclass
@@ -116,28 +112,10 @@ def _check_inputs(model_cfg: ModelConfig, tc: TrainConfig, placement: parallel.P
         raise RunConfigError(f"byte-level data needs vocab_size 256, got {model_cfg.vocab_size}")
     if tc.model == "transformer" and tc.seq_len > model_cfg.max_len:
         raise RunConfigError(f"seq_len {tc.seq_len} exceeds the model's max_len "
-                             f"{model_cfg.max_len}")
+                             f"{model_cfg.max_len}; lower seq_len or raise max_len")
     parallel.check_batch(tc.batch_size, placement.num_devices, tc.grad_accum)
     data.check_length(corpus.train, tc.seq_len, "train")
     data.check_length(corpus.val, tc.seq_len, "validation")
-
-
-def _write_config(out: Path, model_cfg: ModelConfig, tc: TrainConfig, log: Callable) -> None:
-    """Write config.json; refuse a directory trained with a different model."""
-    path = out / "config.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old.get("model") != model_cfg.to_dict() or old.get("train", {}).get("model") != tc.model:
-            diff = sorted(k for k, v in model_cfg.to_dict().items()
-                          if old.get("model", {}).get(k) != v)
-            raise RunConfigError(
-                f"{out} holds a run of a different model (differs in: {', '.join(diff) or 'model'}"
-                "); use another --out, or the same model flags to resume it")
-        changed = sorted(k for k, v in tc.to_dict().items() if old.get("train", {}).get(k) != v)
-        if changed:
-            log(f"note: training settings differ from the previous run in {out}: "
-                f"{', '.join(changed)}")
-    path.write_text(json.dumps({"model": model_cfg.to_dict(), "train": tc.to_dict()}, indent=2))
 
 
 def _next_stop(step: int, end: int, tc: TrainConfig) -> int:
@@ -204,8 +182,7 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
     corpus = data.load_corpus(tc.data, tc.val_fraction)
     _check_inputs(model_cfg, tc, placement, corpus)
     out = Path(tc.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_config(out, model_cfg, tc, log)
+    rundir.prepare(out, model_cfg, tc, log)  # refuses another run's or an unwritable directory
     step_cfg = TrainConfig(**{f: getattr(tc, f) for f in _STEP_FIELDS})
     fns = _functions(model_cfg, step_cfg, tc.seq_len, placement)
     dev0 = placement.devices[0]
@@ -219,7 +196,8 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
                                                                seq_len=tc.seq_len))
         sharding = jax.sharding.SingleDeviceSharding(dev0)
         restored = ckpt.restore(jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), fresh))
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), fresh),
+            expect={"model": model_cfg.to_dict()})  # checkpoints copied in from another model
         if restored is not None:
             state, start = restored.state, restored.step
             log(f"resuming {out} from step {start}" if start < tc.steps else
@@ -265,9 +243,10 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
             interval.append(host)
             if int(host["nonfinite"].max()) >= tc.max_nonfinite:
                 raise NonFiniteError(
-                    f"{tc.max_nonfinite} consecutive steps had non-finite gradients (by step "
-                    f"{step}); optax.apply_if_finite skipped them and training stopped. Lower "
-                    f"--lr, raise --warmup or use --grad-clip; the last checkpoint is in {out}")
+                    f"{tc.max_nonfinite} consecutive steps had non-finite losses or gradients "
+                    f"(by step {step}); their updates were skipped and training stopped. Lower "
+                    f"--lr, raise --warmup or use --grad-clip; the last good checkpoint is in "
+                    f"{out / 'checkpoints'}")
             postfix["loss"] = f"{float(host['loss'][-1]):.4f}"
             bar.set_postfix(postfix, refresh=False)
 
@@ -298,7 +277,13 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
                     if tok_s is not None:
                         rates.append(tok_s)
                     losses = np.concatenate([m["loss"] for m in interval])
-                    record = {"step": step, "loss": float(losses.mean()),
+                    # A step with a non-finite loss or gradient was skipped (apply_if_finite):
+                    # count it, and average the loss over the steps that were applied.
+                    skipped = int(sum((m["nonfinite"] > 0).sum() for m in interval))
+                    finite = losses[np.isfinite(losses)]
+                    record = {"step": step,
+                              "loss": float(finite.mean()) if finite.size else None,
+                              "nonfinite_steps": skipped,
                               "lr": float(schedule(step - 1)), "tokens_per_s": tok_s,
                               "mfu": None if tok_s is None else tok_s * fns.flops_per_token / peak,
                               # wall seconds since this process started (x axis of curves)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from transformer_jax import cli
+
 __all__ = ["attention_maps", "main", "plot_attention", "plot_curves", "plot_positions"]
 
 # Readable glyphs for bytes that would otherwise be invisible on an axis.
@@ -200,7 +202,7 @@ def _attention_command(args) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m transformer_jax.visualize",
+    parser = cli.ArgumentParser(prog="python -m transformer_jax.visualize",
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("attention", help="attention heatmaps from a trained checkpoint")
@@ -238,7 +240,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise VisualizeError("--d-model must be a positive even number and --max-len "
                                      f"positive, got {args.d_model} and {args.max_len}")
             plot_positions(args.d_model, args.max_len, out)
-    except (VisualizeError, FileNotFoundError) as e:
+    except (VisualizeError, ValueError, OSError) as e:  # a bad run directory is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # CheckpointError: truncated checkpoints, another model's
+        from transformer_jax.checkpoint import CheckpointError
+
+        if not isinstance(e, CheckpointError):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
@@ -246,4 +255,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    cli.plain_warnings("python -m transformer_jax.visualize")
     sys.exit(main())
