@@ -14,9 +14,9 @@ import warnings
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_helpers import TINY, random_params, tokens
 
 import train
-from tests.model_helpers import TINY, random_params, tokens
 from transformer_jax import rundir, sample, visualize
 from transformer_jax.attention import dot_product_attention
 from transformer_jax.checkpoint import Checkpointer

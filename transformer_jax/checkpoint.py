@@ -124,7 +124,7 @@ class Checkpointer:
         return True
 
     def restore(self, abstract_state: Any, *, step: int | None = None,
-                expect: dict[str, Any] | None = None) -> Restored | None:
+                expect: dict[str, Any] | None = None, set_aside: bool = True) -> Restored | None:
         """Restore the newest restorable checkpoint (or exactly ``step``).
 
         Args:
@@ -133,6 +133,8 @@ class Checkpointer:
           step: restore this step only (no fallback); ``None``: the newest that restores.
           expect: entries the checkpoint's ``meta`` must hold (e.g. ``{"model": config}``); a
             step whose meta differs counts as unrestorable, and the message names the fields.
+          set_aside: rename unrestorable newer steps to ``<step>.unrestorable`` after a
+            fallback (so training can save them again); readers pass ``False``.
 
         Returns:
           The :class:`Restored` checkpoint, or ``None`` when the directory holds none.
@@ -170,7 +172,7 @@ class Checkpointer:
                     stacklevel=2,
                 )
                 continue
-            if failed_steps and step is None:
+            if failed_steps and step is None and set_aside:
                 self._set_aside(failed_steps)
             return Restored(step=s, state=restored.state, meta=dict(restored.meta or {}))
         raise CheckpointError(

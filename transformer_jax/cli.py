@@ -40,9 +40,18 @@ def explicit_options(build: Callable[[], argparse.ArgumentParser],
 def plain_warnings(prog: str) -> None:
     """Print warnings as ``prog: warning: message`` (no file, line or source: not a traceback).
 
-    For a command line's ``__main__`` only: it replaces :func:`warnings.showwarning` globally.
+    Also one line for "unraisable" exceptions: orbax's reader coroutines that fail on a
+    truncated checkpoint are garbage-collected with their error, which Python would print as a
+    traceback although the checkpointer has already handled it (fallback or one error).
+    For a command line's ``__main__`` only: it replaces the hooks globally.
     """
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"{prog}: warning: {message}", file=file or sys.stderr)
 
+    def unraisable(info):
+        first = str(info.exc_value).splitlines()[0] if str(info.exc_value) else ""
+        print(f"{prog}: warning: ignored {type(info.exc_value).__name__}: {first[:200]}",
+              file=sys.stderr)
+
     warnings.showwarning = show
+    sys.unraisablehook = unraisable

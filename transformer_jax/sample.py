@@ -100,7 +100,8 @@ def load_run(run_dir: str | Path, *, step: int | None = None):
         if step is not None and step not in saved:
             raise CheckpointError(f"{run_dir / 'checkpoints'} has no checkpoint of step {step} "
                                   f"(saved steps: {', '.join(map(str, saved)) or 'none'})")
-        restored = ckpt.restore(abstract, step=step, expect={"model": model_cfg.to_dict()})
+        restored = ckpt.restore(abstract, step=step, expect={"model": model_cfg.to_dict()},
+                                set_aside=False)  # reading a run does not rearrange it
     if restored is None:
         raise CheckpointError(f"{run_dir / 'checkpoints'} holds no checkpoint yet; train first "
                               f"(python train.py --out {run_dir})")
