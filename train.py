@@ -35,11 +35,11 @@ _FLAGS["max_nonfinite"] = "--max-nonfinite"
 # (option given, condition on the other flags, why it has no effect): refused, not ignored.
 _CONFLICTS = (
     ("lr", lambda a: a.schedule == "paper",
-     "--lr has no effect with --schedule paper (its rate is d_model^-0.5 · min(step^-0.5, "
-     "step · warmup^-1.5), §5.3); drop --lr or use --schedule cosine or constant"),
+     ("--lr has no effect with --schedule paper (its rate is d_model^-0.5 · min(step^-0.5, "
+      "step · warmup^-1.5), §5.3); drop --lr or use --schedule cosine or constant")),
     ("weight_decay", lambda a: a.optimizer == "adam",
-     "--weight-decay has no effect with --optimizer adam (the paper's Adam has none); drop it "
-     "or use --optimizer adamw"),
+     ("--weight-decay has no effect with --optimizer adam (the paper's Adam has none); drop "
+      "it or use --optimizer adamw")),
     ("prompt", lambda a: a.sample_tokens == 0,
      "--prompt has no effect with --sample-tokens 0; drop one of them"),
 )

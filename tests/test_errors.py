@@ -93,6 +93,8 @@ CLI_CASES = [
      ["--lr has no effect with --schedule paper", "drop --lr"]),
     ("weight decay with adam", "train", ["--optimizer", "adam", "--weight-decay", "0.1"],
      ["--weight-decay has no effect with --optimizer adam"]),
+    ("prompt without a sample", "train", ["--prompt", "Once"],
+     ["--prompt has no effect with --sample-tokens 0"]),
     ("paper schedule without warmup", "train", ["--schedule", "paper", "--warmup", "0"],
      ["paper schedule needs --warmup > 0"]),
     ("accumulation split", "train", ["--grad-accum", "3"],

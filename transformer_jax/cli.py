@@ -30,7 +30,7 @@ def explicit_options(build: Callable[[], argparse.ArgumentParser],
       argv: the arguments as given to ``parse_args``.
     """
     parser = build()
-    for action in parser._actions:  # noqa: SLF001 - argparse has no public accessor
+    for action in parser._actions:  # argparse has no public accessor
         action.default = argparse.SUPPRESS
         action.required = False
     namespace, _ = parser.parse_known_args(argv)

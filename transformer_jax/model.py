@@ -351,6 +351,7 @@ class Transformer(nn.Module):
 
     def __call__(self, src, tgt, *, deterministic: bool = True):
         """src [B, S], tgt [B, T] int -> logits [B, T, V] float32."""
+        check_tokens("tgt", tgt, self.cfg, batch=np.shape(src)[0])  # before encoding src
         return self.decode(self.encode(src, deterministic=deterministic), src, tgt,
                            deterministic=deterministic)
 
