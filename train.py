@@ -29,8 +29,8 @@ _FLAGS = {"num_decoder_layers": "--layers", "d_model": "--d-model", "num_heads":
           "weight_decay": "--weight-decay", "grad_clip": "--grad-clip",
           "label_smoothing": "--label-smoothing", "seed": "--seed", "log_every": "--log-every",
           "eval_every": "--eval-every", "ckpt_every": "--ckpt-every",
-          "steps_per_call": "--steps-per-call", "sample_tokens": "--sample-tokens"}
-_FLAGS["max_nonfinite"] = "--max-nonfinite"
+          "steps_per_call": "--steps-per-call", "sample_tokens": "--sample-tokens",
+          "max_nonfinite": "--max-nonfinite"}
 
 # (option given, condition on the other flags, why it has no effect): refused, not ignored.
 _CONFLICTS = (
