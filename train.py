@@ -20,6 +20,7 @@ import sys
 import typing
 from collections.abc import Sequence
 
+from transformer_jax import cli
 from transformer_jax.config import PRESETS, ModelConfig, TrainConfig
 
 _DEFAULTS = TrainConfig()
@@ -33,7 +34,19 @@ _FLAGS = {"num_decoder_layers": "--layers", "d_model": "--d-model", "num_heads":
           "label_smoothing": "--label-smoothing", "seed": "--seed", "log_every": "--log-every",
           "eval_every": "--eval-every", "ckpt_every": "--ckpt-every",
           "steps_per_call": "--steps-per-call", "sample_tokens": "--sample-tokens",
-          "average_last": "--average-last"}
+          "average_last": "--average-last", "max_nonfinite": "--max-nonfinite"}
+
+# (option given, condition on the other flags, why it has no effect): refused, not ignored.
+_CONFLICTS = (
+    ("lr", lambda a: a.schedule == "paper",
+     ("--lr has no effect with --schedule paper (its rate is d_model^-0.5 · min(step^-0.5, "
+      "step · warmup^-1.5), §5.3); drop --lr or use --schedule cosine or constant")),
+    ("weight_decay", lambda a: a.optimizer == "adam",
+     ("--weight-decay has no effect with --optimizer adam (the paper's Adam has none); drop "
+      "it or use --optimizer adamw")),
+    ("prompt", lambda a: a.sample_tokens == 0,
+     "--prompt has no effect with --sample-tokens 0; drop one of them"),
+)
 
 
 def _flagify(message: str) -> str:
@@ -79,7 +92,7 @@ def _defaults(task: str) -> TrainConfig:
 def build_parser(task: str = "lm") -> argparse.ArgumentParser:
     """The argument parser; every flag documents its default (those of ``task``)."""
     d = _defaults(task)
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="train.py",
         description="Train a byte-level Transformer LM (Vaswani et al., 2017) with JAX/Flax. "
                     "Flags override the preset. Outputs go to --out: config.json, metrics.jsonl, "
@@ -130,6 +143,9 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
                    help="gradient-accumulation micro-batches per step")
     g.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
                    help="label smoothing of the training loss (§5.4 uses 0.1)")
+    g.add_argument("--max-nonfinite", type=int, default=d.max_nonfinite, metavar="N",
+                   help="stop after N consecutive steps with a non-finite loss or gradients "
+                        "(each is skipped; exit status 1)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of params, dropout and data")
     g.add_argument("--out", metavar="DIR", default=None,
@@ -206,7 +222,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         steps_per_call=args.steps_per_call, parallel=args.parallel, mesh=args.mesh,
         sample_tokens=args.sample_tokens, sample_prompt=args.prompt, task=args.task,
         average_last=args.average_last,
-        max_to_keep=max(_DEFAULTS.max_to_keep, args.average_last))
+        max_to_keep=max(_DEFAULTS.max_to_keep, args.average_last),
+        max_nonfinite=args.max_nonfinite)
     return model_cfg, train_cfg
 
 
@@ -214,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, train, print where everything went; returns the exit status."""
     parser = build_parser(_task_of(argv))
     args = parser.parse_args(argv)
+    given = cli.explicit_options(build_parser, argv)
+    for option, applies, message in _CONFLICTS:
+        if option in given and applies(args):
+            parser.error(message)
     from transformer_jax import distributed
 
     try:
@@ -229,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = loop.run(model_cfg, train_cfg, progress=False if args.no_progress else None,
                           log=None)
-    except (ValueError, CheckpointError) as e:  # RunConfigError, DataError, BatchSplitError
+    except (ValueError, CheckpointError) as e:  # RunConfigError, DataError, BatchSplitError, ...
         parser.exit(2, f"{parser.prog}: error: {_flagify(str(e))}\n")
     except loop.NonFiniteError as e:
         print(f"train.py: {e}", file=sys.stderr)
@@ -258,4 +279,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    cli.plain_warnings("train.py")
     sys.exit(main())

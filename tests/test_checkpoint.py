@@ -26,10 +26,12 @@ def _assert_equal(a, b):
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
-def _truncate_files(folder):
+def _truncate_files(folder, keep=0.0):
+    """Cut every file to ``keep`` of its length (what a copy or a full disk cut short leaves)."""
     for root, _, files in os.walk(folder):
         for name in files:
-            open(os.path.join(root, name), "wb").close()
+            path = os.path.join(root, name)
+            os.truncate(path, int(os.path.getsize(path) * keep))
 
 
 def test_round_trip_is_exact_and_keeps_the_newest(tmp_path):
@@ -59,7 +61,16 @@ def test_empty_directory_restores_none(tmp_path):
         assert ckpt.restore(_abstract()) is None
 
 
-@pytest.mark.parametrize("corrupt", ["bare folder", "truncated files"])
+def _truncate_largest(folder):
+    """Halve the biggest file (the array data) and leave every metadata file intact."""
+    sizes = {os.path.join(r, n): os.path.getsize(os.path.join(r, n))
+             for r, _, files in os.walk(folder) for n in files}
+    path = max(sizes, key=sizes.get)
+    os.truncate(path, sizes[path] // 2)
+
+
+@pytest.mark.parametrize("corrupt", ["bare folder", "truncated files", "half-written files",
+                                     "truncated array data"])
 def test_unrestorable_latest_falls_back_with_a_warning(tmp_path, corrupt):
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(1, _state(1))
@@ -68,7 +79,10 @@ def test_unrestorable_latest_falls_back_with_a_warning(tmp_path, corrupt):
         (tmp_path / "7").mkdir()
         bad, good = 7, 2
     else:
-        _truncate_files(tmp_path / "2")
+        if corrupt == "truncated array data":
+            _truncate_largest(tmp_path / "2")
+        else:
+            _truncate_files(tmp_path / "2", keep=0.5 if corrupt == "half-written files" else 0.0)
         bad, good = 2, 1
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

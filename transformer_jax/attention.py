@@ -273,6 +273,10 @@ def _attend(spec, implementation, query, key, value, bias, mask, q_len, kv_len):
                           return_weights=True)
         return w.reshape(N, T, S)
     v = jnp.asarray(value).transpose(1, 0, 2)
+    if kv_len is not None:
+        # Padding keys get probability 0, but 0 · NaN = NaN: garbage in padded value slots
+        # (an uninitialised buffer) must not reach the output. O(S·H), not O(T·S).
+        v = jnp.where((jnp.arange(S) < kv_len)[None, :, None], v, jnp.zeros((), v.dtype))
     kernel = kernels.exact if implementation == "exact" else kernels.blockwise
     out = kernel(spec, q, k, v, bias4, mask4, q_len, kv_len)
     return out.transpose(2, 0, 1, 3).reshape(T, N, H).astype(query.dtype)

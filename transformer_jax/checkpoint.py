@@ -36,6 +36,35 @@ class CheckpointError(RuntimeError):
     """No checkpoint of a run directory can be restored."""
 
 
+class IncompatibleCheckpoint(ValueError):
+    """A checkpoint's metadata differs from what the caller expects (another model)."""
+
+
+def _check_meta(meta: dict[str, Any] | None, expect: dict[str, Any]) -> None:
+    """Raise :class:`IncompatibleCheckpoint` naming the fields where ``meta`` differs."""
+    meta = meta or {}
+    diffs = []
+    for key, want in expect.items():
+        got = meta.get(key)
+        if isinstance(want, dict) and isinstance(got, dict):
+            diffs += [f"{k}: saved {got.get(k)!r}, expected {v!r}"
+                      for k, v in want.items() if got.get(k) != v]
+        elif got != want:
+            diffs.append(f"{key}: saved {got!r}, expected {want!r}")
+    if diffs:
+        raise IncompatibleCheckpoint("saved by an incompatible model (" + "; ".join(diffs[:4])
+                                     + ("; ..." if len(diffs) > 4 else "") + ")")
+
+
+def _reason(e: Exception) -> str:
+    """One short line for why a step did not restore (orbax messages run to paragraphs)."""
+    if isinstance(e, IncompatibleCheckpoint):
+        return str(e)
+    text = str(e).splitlines()[0] if str(e) else ""
+    first = text.split(". ")[0]  # orbax appends advice about its own API after the first sentence
+    return f"unreadable, {type(e).__name__}: {first[:200]}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Restored:
     """A restored checkpoint: its step, the state (like the abstract target) and the metadata."""
@@ -103,13 +132,18 @@ class Checkpointer:
         )
         return True
 
-    def restore(self, abstract_state: Any, *, step: int | None = None) -> Restored | None:
+    def restore(self, abstract_state: Any, *, step: int | None = None,
+                expect: dict[str, Any] | None = None, set_aside: bool = True) -> Restored | None:
         """Restore the newest restorable checkpoint (or exactly ``step``).
 
         Args:
           abstract_state: a pytree like the saved state whose leaves are
             ``jax.ShapeDtypeStruct`` (with shardings: where the arrays should live) or arrays.
           step: restore this step only (no fallback); ``None``: the newest that restores.
+          expect: entries the checkpoint's ``meta`` must hold (e.g. ``{"model": config}``); a
+            step whose meta differs counts as unrestorable, and the message names the fields.
+          set_aside: rename unrestorable newer steps to ``<step>.unrestorable`` after a
+            fallback (so training can save them again); readers pass ``False``.
 
         Returns:
           The :class:`Restored` checkpoint, or ``None`` when the directory holds none.
@@ -124,6 +158,9 @@ class Checkpointer:
         failures, failed_steps = [], []
         for s in candidates:
             try:
+                if expect:
+                    _check_meta(self._manager.restore(
+                        s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta, expect)
                 restored = self._manager.restore(
                     s,
                     args=ocp.args.Composite(
@@ -132,11 +169,11 @@ class Checkpointer:
                     ),
                 )
             except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                reason = _reason(e)
                 failures.append(f"step {s} ({reason})")
                 failed_steps.append(s)
-                if step is not None:
-                    break
+                if step is not None or s == candidates[-1]:
+                    break  # nothing older to fall back to: the error below says it all
                 warnings.warn(
                     f"checkpoint step {s} in {self.directory} cannot be restored ({reason}); "
                     "falling back to the previous checkpoint",
@@ -144,12 +181,13 @@ class Checkpointer:
                     stacklevel=2,
                 )
                 continue
-            if failed_steps and step is None:
+            if failed_steps and step is None and set_aside:
                 self._set_aside(failed_steps)
             return Restored(step=s, state=restored.state, meta=dict(restored.meta or {}))
         raise CheckpointError(
             f"no checkpoint in {self.directory} can be restored: {'; '.join(failures)}. "
-            "Remove or move the folder, or train into another --out directory."
+            "Move the step folders away (the run then starts afresh), or use another --out "
+            "directory."
         )
 
     def average(self, abstract_state: Any, *, last: int,

@@ -371,21 +371,21 @@ class TrainConfig:
             mesh_axes(self.mesh)  # the syntax; the sizes are checked against the devices later
         if self.schedule == "paper" and self.warmup == 0:
             raise ValueError("the paper schedule needs warmup > 0 (§5.3 uses 4000)")
-        checks = {
-            "val_fraction": 0.0 < self.val_fraction < 1.0,
-            "lr": self.lr > 0.0,
-            "min_lr_ratio": 0.0 <= self.min_lr_ratio <= 1.0,
-            "b1": 0.0 <= self.b1 < 1.0,
-            "b2": 0.0 <= self.b2 < 1.0,
-            "eps": self.eps > 0.0,
-            "weight_decay": self.weight_decay >= 0.0,
-            "grad_clip": self.grad_clip >= 0.0,
-            "label_smoothing": 0.0 <= self.label_smoothing < 1.0,
-            "sample_temperature": self.sample_temperature > 0.0,
+        checks = {  # field -> (holds, the rule in words)
+            "val_fraction": (0.0 < self.val_fraction < 1.0, "lie in (0, 1)"),
+            "lr": (self.lr > 0.0, "be > 0"),
+            "min_lr_ratio": (0.0 <= self.min_lr_ratio <= 1.0, "lie in [0, 1]"),
+            "b1": (0.0 <= self.b1 < 1.0, "lie in [0, 1)"),
+            "b2": (0.0 <= self.b2 < 1.0, "lie in [0, 1)"),
+            "eps": (self.eps > 0.0, "be > 0"),
+            "weight_decay": (self.weight_decay >= 0.0, "be >= 0"),
+            "grad_clip": (self.grad_clip >= 0.0, "be >= 0 (0: no clipping)"),
+            "label_smoothing": (0.0 <= self.label_smoothing < 1.0, "lie in [0, 1)"),
+            "sample_temperature": (self.sample_temperature > 0.0, "be > 0"),
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
+        for name, (ok, rule) in checks.items():
+            if not ok:  # `not ok` also catches NaN, which fails every comparison
+                raise ValueError(f"{name} must {rule}, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of every field (``data`` as a list)."""

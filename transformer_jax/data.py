@@ -27,6 +27,7 @@ __all__ = [
     "Corpus",
     "DataError",
     "check_length",
+    "check_text",
     "embedded_corpus_text",
     "eval_batches",
     "load_corpus",
@@ -132,7 +133,7 @@ def load_corpus(paths: Sequence[str | os.PathLike] = (), val_fraction: float = 0
       The :class:`Corpus`.
 
     Raises:
-      DataError: a path is missing, a folder is empty, or a split is too short to crop from.
+      DataError: a path is missing, a folder is empty, a file is empty, binary or not UTF-8.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must lie in (0, 1), got {val_fraction!r}")
@@ -147,11 +148,32 @@ def load_corpus(paths: Sequence[str | os.PathLike] = (), val_fraction: float = 0
             data = np.frombuffer(f.read_bytes(), dtype=np.uint8)
         except OSError as e:
             raise DataError(f"cannot read --data file {str(f)!r}: {e.strerror}") from None
+        check_text(f, data)
         t, v = _split(data, val_fraction)
         trains.append(t)
         vals.append(v)
     return Corpus(train=np.concatenate(trains), val=np.concatenate(vals),
                   name=", ".join(str(p) for p in paths), files=tuple(str(f) for f in files))
+
+
+def check_text(path: str | os.PathLike, raw: np.ndarray) -> None:
+    """Raise :class:`DataError` unless ``raw`` (the bytes of ``path``) is non-empty UTF-8 text.
+
+    The tokenizer would accept any bytes, but a model trained on an image or a Latin-1 file
+    learns nothing a user wants from a text model, and that is rarely what was meant.
+    """
+    name = repr(str(path))
+    if raw.size == 0:
+        raise DataError(f"--data file {name} is empty; remove it or pass a file with text")
+    nul = np.flatnonzero(raw == 0)
+    if nul.size:
+        raise DataError(f"--data file {name} looks binary (a NUL byte at offset {nul[0]}); "
+                        "pass text files only")
+    try:
+        raw.tobytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"--data file {name} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                        f"offset {e.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def check_length(tokens: np.ndarray, seq_len: int, split: str) -> None:

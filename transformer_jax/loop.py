@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import signal
 import statistics
@@ -33,9 +32,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from transformer_jax import data, distributed, metrics, parallel, sharding, training
+from transformer_jax import data, distributed, metrics, parallel, rundir, sharding, training
 from transformer_jax.checkpoint import Checkpointer
 from transformer_jax.config import ModelConfig, TrainConfig
+from transformer_jax.rundir import RunConfigError
 
 __all__ = ["NonFiniteError", "RunConfigError", "RunResult", "Workload", "run"]
 
@@ -45,12 +45,8 @@ _STEP_FIELDS = ("model", "steps", "grad_accum", "optimizer", "lr", "min_lr_ratio
                 "steps_per_call", "max_nonfinite", "task")
 
 
-class RunConfigError(ValueError):
-    """The run cannot start as configured (the message says why and what to change)."""
-
-
 class NonFiniteError(RuntimeError):
-    """Training produced non-finite gradients ``max_nonfinite`` times in a row."""
+    """Training produced a non-finite loss or gradients ``max_nonfinite`` times in a row."""
 
 
 @dataclasses.dataclass
@@ -174,31 +170,10 @@ def _check_inputs(model_cfg: ModelConfig, tc: TrainConfig, placement: parallel.P
         raise RunConfigError(f"byte-level data needs vocab_size 256, got {model_cfg.vocab_size}")
     if tc.model == "transformer" and tc.seq_len > model_cfg.max_len:
         raise RunConfigError(f"seq_len {tc.seq_len} exceeds the model's max_len "
-                             f"{model_cfg.max_len}")
+                             f"{model_cfg.max_len}; lower seq_len or raise max_len")
     parallel.check_batch(tc.batch_size, placement.batch_shards, tc.grad_accum)
     data.check_length(corpus.train, tc.seq_len, "train")
     data.check_length(corpus.val, tc.seq_len, "validation")
-
-
-def _write_config(out: Path, model_cfg: ModelConfig, tc: TrainConfig, log: Callable) -> None:
-    """Write config.json; refuse a directory trained with a different model."""
-    path = out / "config.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        old_train = old.get("train", {})
-        if (old.get("model") != model_cfg.to_dict() or old_train.get("model") != tc.model
-                or old_train.get("task", "lm") != tc.task):
-            diff = sorted(k for k, v in model_cfg.to_dict().items()
-                          if old.get("model", {}).get(k) != v)
-            raise RunConfigError(
-                f"{out} holds a run of a different model (differs in: "
-                f"{', '.join(diff) or 'model or task'}"
-                "); use another --out, or the same model flags to resume it")
-        changed = sorted(k for k, v in tc.to_dict().items() if old.get("train", {}).get(k) != v)
-        if changed:
-            log(f"note: training settings differ from the previous run in {out}: "
-                f"{', '.join(changed)}")
-    path.write_text(json.dumps({"model": model_cfg.to_dict(), "train": tc.to_dict()}, indent=2))
 
 
 def _next_stop(step: int, end: int, tc: TrainConfig) -> int:
@@ -288,9 +263,8 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
         work = seq2seq.workload(model_cfg, tc, placement, log=log)
     fns = work.fns
     out = Path(tc.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if lead:
-        _write_config(out, model_cfg, tc, log)
+    if lead:  # refuses another run's or an unwritable directory
+        rundir.prepare(out, model_cfg, tc, log)
     # This process's first device (every process's own under a multi-host mesh).
     dev0 = next(d for d in placement.devices if d.process_index == jax.process_index())
     end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
@@ -300,8 +274,9 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
             _SigtermFlag() as sigterm:
         init = functools.partial(work.init_state, tc.seed)
         fresh = jax.eval_shape(init)
-        # Restored straight into this placement's shardings (whatever mesh saved it).
-        restored = ckpt.restore(placement.target(fresh))
+        # Restored straight into this placement's shardings (whatever mesh saved it); a
+        # checkpoint copied in from another model is refused by name.
+        restored = ckpt.restore(placement.target(fresh), expect={"model": model_cfg.to_dict()})
         if restored is not None:
             state, start = placement.place(restored.state), restored.step
             log(f"resuming {out} from step {start}" if start < tc.steps else
@@ -340,9 +315,10 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
             interval.append(host)
             if int(host["nonfinite"].max()) >= tc.max_nonfinite:
                 raise NonFiniteError(
-                    f"{tc.max_nonfinite} consecutive steps had non-finite gradients (by step "
-                    f"{step}); optax.apply_if_finite skipped them and training stopped. Lower "
-                    f"--lr, raise --warmup or use --grad-clip; the last checkpoint is in {out}")
+                    f"{tc.max_nonfinite} consecutive steps had non-finite losses or gradients "
+                    f"(by step {step}); their updates were skipped and training stopped. Lower "
+                    f"--lr, raise --warmup or use --grad-clip; the last good checkpoint is in "
+                    f"{out / 'checkpoints'}")
             postfix["loss"] = f"{float(host['loss'][-1]):.4f}"
             bar.set_postfix(postfix, refresh=False)
 
@@ -375,7 +351,13 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
                     if tok_s is not None:
                         rates.append(tok_s)
                     losses = np.concatenate([m["loss"] for m in interval])
-                    record = {"step": step, "loss": float(losses.mean()),
+                    # A step with a non-finite loss or gradient was skipped (apply_if_finite):
+                    # count it, and average the loss over the steps that were applied.
+                    skipped = int(sum((m["nonfinite"] > 0).sum() for m in interval))
+                    finite = losses[np.isfinite(losses)]
+                    record = {"step": step,
+                              "loss": float(finite.mean()) if finite.size else None,
+                              "nonfinite_steps": skipped,
                               "lr": float(schedule(step - 1)), "tokens_per_s": tok_s,
                               "mfu": None if tok_s is None else tok_s * fns.flops_per_token / peak,
                               # wall seconds since this process started (x axis of curves)

@@ -185,7 +185,7 @@ def plot_loss(records: Sequence[dict[str, Any]], path: str | Path, *, title: str
     # A bare Figure renders with Agg and leaves pyplot's global state (and backend) alone.
     from matplotlib.figure import Figure
 
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.subplots()

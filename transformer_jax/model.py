@@ -44,6 +44,7 @@ __all__ = [
     "PositionalEncoding",
     "Transformer",
     "TransformerLM",
+    "check_tokens",
     "count_params",
     "sinusoidal_positions",
 ]
@@ -67,6 +68,28 @@ def sinusoidal_positions(length: int, d_model: int) -> np.ndarray:
 def count_params(params) -> int:
     """Number of scalars in a parameter pytree (works on ``jax.eval_shape`` output too)."""
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def check_tokens(name: str, tokens, cfg: ModelConfig, batch: int | None = None) -> None:
+    """Raise ``ValueError``/``TypeError`` unless ``tokens`` is ``[B, T]`` ids in [0, V).
+
+    Shapes and dtypes are checked at trace time. Values are checked only when concrete (not
+    under ``jit``): an id >= V would otherwise read past the embedding table and silently give
+    NaN logits (``jnp.take`` fills out-of-bounds rows with NaN).
+    """
+    shape = tuple(np.shape(tokens))
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be [B, T] token ids, got shape {shape}")
+    if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+        raise TypeError(f"{name} must be integer token ids, got dtype {jnp.result_type(tokens)}")
+    if batch is not None and shape[0] != batch:
+        raise ValueError(f"{name} has batch size {shape[0]}, the source has {batch}")
+    if isinstance(tokens, jax.core.Tracer) or not shape[0] * shape[1]:
+        return
+    values = np.asarray(tokens)
+    if values.min() < 0 or values.max() >= cfg.vocab_size:
+        raise ValueError(f"{name} must lie in [0, vocab_size={cfg.vocab_size}), got ids in "
+                         f"[{values.min()}, {values.max()}]")
 
 
 def _dense(cfg: ModelConfig, features, name: str, axis=-1) -> nn.DenseGeneral:
@@ -290,6 +313,7 @@ class Transformer(nn.Module):
 
     def encode(self, src, *, deterministic: bool = True):
         """Encoder stack: src [B, S] int -> [B, S, D] (compute dtype)."""
+        check_tokens("src", src, self.cfg)
         mask = self.src_mask(src)
         embed = self.embed if self.cfg.share_embeddings else self.src_embed
         x = self._embed(embed, src, deterministic, decode=False)
@@ -314,6 +338,7 @@ class Transformer(nn.Module):
           [B, T, V] float32 logits.
         """
         cfg = self.cfg
+        check_tokens("tgt", tgt, cfg, batch=np.shape(src)[0])
         mask = self.src_mask(src)
         x = self._embed(self.embed, tgt, deterministic, decode)
         for layer in self.decoder_layers:
@@ -326,6 +351,7 @@ class Transformer(nn.Module):
 
     def __call__(self, src, tgt, *, deterministic: bool = True):
         """src [B, S], tgt [B, T] int -> logits [B, T, V] float32."""
+        check_tokens("tgt", tgt, self.cfg, batch=np.shape(src)[0])  # before encoding src
         return self.decode(self.encode(src, deterministic=deterministic), src, tgt,
                            deterministic=deterministic)
 
@@ -343,6 +369,7 @@ class TransformerLM(nn.Module):
     def __call__(self, tokens, *, deterministic: bool = True, decode: bool = False):
         """tokens [B, T] int -> logits [B, T, V] float32; ``decode`` uses the KV cache."""
         cfg = self.cfg
+        check_tokens("tokens", tokens, cfg)
         embed = _embed_module(cfg, "embed")
         x = embed(tokens) * jnp.asarray(np.sqrt(cfg.d_model), cfg.compute_dtype)  # §3.4
         x = PositionalEncoding(cfg, name="positions")(x, decode=decode)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from transformer_jax import cli
 
 __all__ = ["load_run", "main", "sample_text"]
 
@@ -79,20 +80,15 @@ def load_run(run_dir: str | Path, *, step: int | None = None):
     """(model, params, step, model config, train config) of a run's newest usable checkpoint.
 
     Raises:
-      FileNotFoundError: no ``config.json`` in ``run_dir``.
-      transformer_jax.checkpoint.CheckpointError: no checkpoint can be restored.
+      transformer_jax.rundir.RunConfigError: no usable ``config.json`` in ``run_dir``.
+      transformer_jax.checkpoint.CheckpointError: no checkpoint (or not ``step``) can be
+        restored, e.g. truncated files or checkpoints of another model.
     """
-    from transformer_jax import training
+    from transformer_jax import rundir, training
     from transformer_jax.checkpoint import Checkpointer, CheckpointError
-    from transformer_jax.config import ModelConfig, TrainConfig
 
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
-    config = json.loads(config_path.read_text())
-    model_cfg = ModelConfig.from_dict(config["model"])
-    tc = TrainConfig.from_dict(config["train"])
+    model_cfg, tc = rundir.read_configs(run_dir)
     model = training.build_model(tc.model, model_cfg)
     tx = training.make_optimizer(tc, model_cfg.d_model)
     abstract = jax.eval_shape(lambda: training.init_state(model, tx, seed=0, seq_len=tc.seq_len))
@@ -100,14 +96,20 @@ def load_run(run_dir: str | Path, *, step: int | None = None):
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                             abstract)
     with Checkpointer(run_dir / "checkpoints") as ckpt:
-        restored = ckpt.restore(abstract, step=step)
+        saved = ckpt.all_steps()
+        if step is not None and step not in saved:
+            raise CheckpointError(f"{run_dir / 'checkpoints'} has no checkpoint of step {step} "
+                                  f"(saved steps: {', '.join(map(str, saved)) or 'none'})")
+        restored = ckpt.restore(abstract, step=step, expect={"model": model_cfg.to_dict()},
+                                set_aside=False)  # reading a run does not rearrange it
     if restored is None:
-        raise CheckpointError(f"{run_dir / 'checkpoints'} holds no checkpoint yet")
+        raise CheckpointError(f"{run_dir / 'checkpoints'} holds no checkpoint yet; train first "
+                              f"(python train.py --out {run_dir})")
     return model, restored.state.params, restored.step, model_cfg, tc
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m transformer_jax.sample",
         description="Generate text from the latest checkpoint of a training run.")
     p.add_argument("--run", required=True, metavar="DIR", help="the run directory (train.py --out)")
@@ -136,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--top-k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         parser.error(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     from transformer_jax.checkpoint import CheckpointError
 
     try:
@@ -143,12 +147,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = sample_text(model, params, args.prompt, max_new_tokens=args.max_new_tokens,
                            context=tc.seq_len, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        parser.error(str(e))
+    except (CheckpointError, ValueError) as e:  # RunConfigError is a ValueError
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(f"[{args.run}, step {step}]", file=sys.stderr)
     print(text)
     return 0
 
 
 if __name__ == "__main__":
+    cli.plain_warnings("python -m transformer_jax.sample")
     sys.exit(main())

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer_jax import decoding, parallel, sharding, training
+from transformer_jax import decoding, parallel, rundir, sharding, training
 from transformer_jax.config import ModelConfig, TrainConfig
 from transformer_jax.data import IGNORE
 from transformer_jax.model import Transformer, count_params
@@ -280,7 +279,8 @@ def load_run(run_dir: str | Path, *, average_last: int = 1) -> LoadedRun:
 
     Raises:
       FileNotFoundError: no ``config.json`` in ``run_dir``.
-      ValueError: the run is a language model, not a seq2seq task.
+      ValueError: the run is a language model, not a seq2seq task; or its ``config.json`` is
+        damaged (:class:`~transformer_jax.rundir.RunConfigError`).
       transformer_jax.checkpoint.CheckpointError: no checkpoint can be restored.
     """
     from transformer_jax.checkpoint import Checkpointer, CheckpointError
@@ -288,9 +288,7 @@ def load_run(run_dir: str | Path, *, average_last: int = 1) -> LoadedRun:
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
-    config = json.loads((run_dir / "config.json").read_text())
-    model_cfg = ModelConfig.from_dict(config["model"])
-    tc = TrainConfig.from_dict(config["train"])
+    model_cfg, tc = rundir.read_configs(run_dir)
     if tc.task == "lm":
         raise ValueError(f"{run_dir} holds a language model, not a sequence-to-sequence task "
                          "(use python -m transformer_jax.sample)")
@@ -302,7 +300,7 @@ def load_run(run_dir: str | Path, *, average_last: int = 1) -> LoadedRun:
         if average_last > 1:
             params, steps = ckpt.average(abstract, last=average_last, select=lambda s: s.params)
         else:  # the newest restorable one (falls back past a damaged folder)
-            restored = ckpt.restore(abstract)
+            restored = ckpt.restore(abstract, set_aside=False)  # reading does not rearrange
             if restored is None:
                 raise CheckpointError(f"{run_dir / 'checkpoints'} holds no checkpoint yet")
             params, steps = restored.state.params, [restored.step]

@@ -273,6 +273,9 @@ def train_step(state: TrainState, batch: jax.Array, *, apply_fn: Callable[..., A
         loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
     if axis_name is not None:  # data parallelism: every replica applies the same mean gradient
         loss, grads = jax.lax.pmean((loss, grads), axis_name)
+    # apply_if_finite looks at the gradients only; a non-finite loss with finite gradients
+    # (e.g. an Inf cut off by a where) is as suspect, so it poisons them and is skipped too.
+    grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from transformer_jax import cli
+
 __all__ = ["attention_maps", "main", "plot_attention", "plot_curves", "plot_positions"]
 
 # Readable glyphs for bytes that would otherwise be invisible on an axis.
@@ -231,8 +233,7 @@ def _pick(maps: dict[str, np.ndarray], names: list[str], args) -> np.ndarray:
 
 
 def _attention_command(args) -> str:
-    import json
-
+    from transformer_jax import rundir
     from transformer_jax.data import ByteTokenizer
     from transformer_jax.model import Transformer, TransformerLM
     from transformer_jax.sample import load_run
@@ -240,7 +241,7 @@ def _attention_command(args) -> str:
     run = Path(args.run)
     if not (run / "config.json").is_file():
         raise VisualizeError(f"--run {run}: not a run directory (no config.json)")
-    if json.loads((run / "config.json").read_text())["train"].get("task", "lm") != "lm":
+    if rundir.read_config(run)["train"].get("task", "lm") != "lm":  # refuses a damaged one
         _seq2seq_attention(args, run)
         return args.out
     if args.src is not None or args.tgt is not None or args.kind is not None:
@@ -268,7 +269,7 @@ def _attention_command(args) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m transformer_jax.visualize",
+    parser = cli.ArgumentParser(prog="python -m transformer_jax.visualize",
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("attention", help="attention heatmaps from a trained checkpoint")
@@ -313,7 +314,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise VisualizeError("--d-model must be a positive even number and --max-len "
                                      f"positive, got {args.d_model} and {args.max_len}")
             plot_positions(args.d_model, args.max_len, out)
-    except (VisualizeError, FileNotFoundError) as e:
+    except (VisualizeError, ValueError, OSError) as e:  # a bad run directory is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # CheckpointError: truncated checkpoints, another model's
+        from transformer_jax.checkpoint import CheckpointError
+
+        if not isinstance(e, CheckpointError):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
@@ -321,4 +329,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    cli.plain_warnings("python -m transformer_jax.visualize")
     sys.exit(main())

@@ -1,0 +1,146 @@
+"""The run directory (``train.py --out``): create it, claim it, read and write its ``config.json``.
+
+A run directory belongs to one run: ``config.json`` records the model and training settings, and
+re-running with the same ``--out`` resumes that run. Everything here exists so that a mistake
+costs nothing:
+
+* :func:`prepare` refuses, before anything is written, a path that cannot be a directory, a
+  directory that cannot be written, a non-empty directory that is not a run directory (no
+  ``config.json``: someone else's files), and a run directory that holds a different model.
+* :func:`write_config` replaces ``config.json`` atomically (a temporary file, then
+  ``os.replace``): a kill mid-write leaves the old file or the new one, never half of one.
+* :func:`read_config` turns a missing, truncated or foreign ``config.json`` into one
+  :class:`RunConfigError` that says which file and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from transformer_jax.config import ModelConfig, TrainConfig
+
+__all__ = ["RunConfigError", "prepare", "read_config", "read_configs", "write_config"]
+
+CONFIG = "config.json"
+
+
+class RunConfigError(ValueError):
+    """The run cannot start as configured (the message says why and what to change)."""
+
+
+def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The raw ``{"model": {...}, "train": {...}}`` of a run directory's ``config.json``.
+
+    Raises:
+      RunConfigError: the file is missing, not JSON, or not a config written by ``train.py``.
+    """
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise RunConfigError(f"{run_dir} is not a run directory (no {CONFIG}); pass the --out "
+                             "directory of a train.py run")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunConfigError(f"{path} cannot be read as JSON ({e}); restore it from a backup "
+                             "or train into another --out directory") from None
+    if not (isinstance(config, dict) and isinstance(config.get("model"), dict)
+            and isinstance(config.get("train"), dict)):
+        raise RunConfigError(f"{path} is not a train.py config (it needs \"model\" and "
+                             "\"train\" objects); use another --out directory")
+    return config
+
+
+def read_configs(run_dir: str | os.PathLike) -> tuple[ModelConfig, TrainConfig]:
+    """(ModelConfig, TrainConfig) of a run directory, validated like the CLI's flags.
+
+    Raises:
+      RunConfigError: as :func:`read_config`, or a field is unknown or out of range.
+    """
+    config = read_config(run_dir)
+    try:
+        return ModelConfig.from_dict(config["model"]), TrainConfig.from_dict(config["train"])
+    except (TypeError, ValueError) as e:
+        raise RunConfigError(f"{Path(run_dir) / CONFIG} holds an invalid config ({e}); it was "
+                             "written by another version or edited by hand") from None
+
+
+def write_config(out: Path, model_cfg: ModelConfig, tc: TrainConfig) -> None:
+    """Write ``out/config.json`` atomically (temporary file + ``os.replace``)."""
+    text = json.dumps({"model": model_cfg.to_dict(), "train": tc.to_dict()}, indent=2)
+    fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG}.", dir=out)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out / CONFIG)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _model_mismatch(out: Path, old: dict[str, Any], model_cfg: ModelConfig,
+                    tc: TrainConfig) -> str | None:
+    """Why the run in ``out`` (config ``old``) is not this model's, or ``None`` if it is."""
+    new = model_cfg.to_dict()
+    if (old["model"] == new and old["train"].get("model") == tc.model
+            and old["train"].get("task", "lm") == tc.task):
+        return None
+    if old["train"].get("task", "lm") != tc.task:
+        return (f"{out} holds a {old['train'].get('task', 'lm')!r} run, not {tc.task!r}; use "
+                "another --out, or the same --task to resume it")
+    if old["train"].get("model") != tc.model:
+        return (f"{out} holds a {old['train'].get('model')!r} run, not {tc.model!r}; use another "
+                "--out, or the same --model to resume it")
+    diff = sorted(k for k, v in new.items() if old["model"].get(k) != v)
+    old_len = old["model"].get("max_len")
+    if diff == ["max_len"] and isinstance(old_len, int) and tc.seq_len > old_len:
+        # train.py raises max_len to --seq-len; the resumed model's positions stop at old_len.
+        return (f"--seq-len {tc.seq_len} exceeds max_len {old_len} of the model in {out}; "
+                f"resume it with --seq-len <= {old_len}, or use another --out")
+    return (f"{out} holds a run of a different model (differs in: {', '.join(diff)}); use "
+            "another --out, or the same model flags to resume it")
+
+
+def prepare(out: Path, model_cfg: ModelConfig, tc: TrainConfig,
+            log: Callable[[str], None]) -> None:
+    """Create or claim the run directory ``out`` and write its ``config.json``.
+
+    Args:
+      out: the run directory.
+      model_cfg: the model to train.
+      tc: the training settings.
+      log: where a note about changed training settings goes.
+
+    Raises:
+      RunConfigError: ``out`` is a file or cannot be created or written; it is a non-empty
+        directory without ``config.json``; or it holds a run of another model. Nothing in
+        ``out`` has been changed then.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        what = "is a file" if out.is_file() else f"cannot be created ({e.strerror})"
+        raise RunConfigError(f"--out {out} {what}; choose a writable directory") from None
+    if (out / CONFIG).exists():
+        old = read_config(out)
+        mismatch = _model_mismatch(out, old, model_cfg, tc)
+        if mismatch:
+            raise RunConfigError(mismatch)
+        changed = sorted(k for k, v in tc.to_dict().items() if old["train"].get(k) != v)
+        if changed:
+            log(f"note: training settings differ from the previous run in {out}: "
+                f"{', '.join(changed)}")
+    elif any(not p.name.startswith(".") for p in out.iterdir()):
+        raise RunConfigError(f"--out {out} is not empty and holds no {CONFIG}, so it is not a "
+                             "run directory; use a new or empty directory")
+    try:
+        write_config(out, model_cfg, tc)
+    except OSError as e:
+        raise RunConfigError(f"--out {out} is not writable ({e.strerror}); choose a writable "
+                             "directory") from None
