@@ -250,6 +250,33 @@ def test_beam_search_eos_handling_and_scores(copy_model, trained):
         assert (np.asarray(tokens) == expected).all(1).mean() >= 0.9
 
 
+@pytest.mark.parametrize("trained", [False, True])
+def test_beam_search_returns_sorted_finished_hypotheses(copy_model, trained):
+    model, params, half, fwd, src, expected = copy_model
+    params = params if trained else half
+    W, L = 4, expected.shape[1]
+    tokens, scores, finished = beam_search(model, params, src, beam_size=W, alpha=0.6,
+                                           max_len=L, all_hypotheses=True)
+    assert tokens.shape == (len(src), W, L) and scores.shape == finished.shape == (len(src), W)
+    scores, finished = np.asarray(scores), np.asarray(finished)
+    assert (np.diff(scores, axis=1) <= 1e-6).all(), scores  # best first
+    best, best_score = beam_search(model, params, src, beam_size=W, alpha=0.6, max_len=L)
+    np.testing.assert_array_equal(tokens[:, 0], best)
+    np.testing.assert_allclose(scores[:, 0], best_score)
+    for w in range(W):
+        hyp = np.asarray(tokens[:, w])
+        has_eos = (hyp == model.cfg.eos_id).any(1)
+        np.testing.assert_array_equal(finished[:, w], has_eos)  # finished = ended by EOS
+        ok = finished[:, w]  # (a truncated one may have stopped early: its score is a prefix's)
+        _check_eos_layout(hyp[ok], model.cfg)
+        np.testing.assert_allclose(  # each score is its own hypothesis' log-probability
+            scores[ok, w], _sequence_scores(model, fwd, params, src[ok], hyp[ok], 0.6),
+            atol=1e-4)
+    assert len({tuple(t) for t in np.asarray(tokens[0])}) == W  # W distinct hypotheses
+    if trained:
+        assert finished[:, 0].mean() >= 0.9
+
+
 def test_default_max_len_is_source_plus_50(copy_model):
     model = copy_model[0]  # max_len 24: capped at 23 (BOS + 23 tokens fill 24 positions)
     assert decoding._default_max_len(model, jnp.zeros((1, 5), jnp.int32), None) == 23

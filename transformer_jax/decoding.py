@@ -321,13 +321,14 @@ def _beam(model, params, src, *, beam_size, alpha, max_len):
     i, live, live_lp, fin, fin_scores, _, _ = jax.lax.while_loop(cond, body, state)
     # Hypotheses still alive at the end are truncated ones; they compete with the finished.
     scores = jnp.concatenate([fin_scores, live_lp / _length_penalty(i, alpha)], axis=1)
-    best = jnp.argmax(scores, axis=1)
-    seqs = jnp.concatenate([fin, live], axis=1)[jnp.arange(B), best]
-    return seqs, scores[jnp.arange(B), best]
+    finished = jnp.concatenate([jnp.isfinite(fin_scores), jnp.zeros_like(live_lp, bool)], 1)
+    scores, order = jax.lax.top_k(scores, W)  # [B, W], best first
+    seqs = jnp.take_along_axis(jnp.concatenate([fin, live], axis=1), order[:, :, None], axis=1)
+    return seqs, scores, jnp.take_along_axis(finished, order, axis=1)
 
 
 def beam_search(model, params, src, *, beam_size: int = 4, alpha: float = 0.6,
-                max_len: int | None = None):
+                max_len: int | None = None, all_hypotheses: bool = False):
     """Beam search for the encoder–decoder :class:`Transformer` (§6.1: beam 4, α = 0.6).
 
     Each step expands every live hypothesis by every token, keeps the 2W best candidates,
@@ -343,15 +344,22 @@ def beam_search(model, params, src, *, beam_size: int = 4, alpha: float = 0.6,
       beam_size: W.
       alpha: length-penalty exponent α (0 = raw log-probability).
       max_len: L, tokens to generate at most; default S + 50 (§6.1), capped by ``max_len``.
+      all_hypotheses: return the W best hypotheses of each source, not only the best.
 
     Returns:
       (tokens [B, L] int32 — the best hypothesis, without BOS, ``eos_id`` included and
-      ``pad_id`` after it; scores [B] float32 — its length-penalised log-probability).
+      ``pad_id`` after it; scores [B] float32 — its length-penalised log-probability). With
+      ``all_hypotheses``: (tokens [B, W, L], scores [B, W] sorted best first, finished [B, W]
+      bool — False for a hypothesis cut off at L without ``eos_id``, scored by its prefix).
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     if beam_size * 2 > model.cfg.vocab_size:
         raise ValueError(f"beam_size={beam_size} needs vocab_size >= {2 * beam_size}")
     max_len = _default_max_len(model, src, max_len)
-    return _beam(model, params, jnp.asarray(src, jnp.int32), beam_size=int(beam_size),
-                 alpha=float(alpha), max_len=max_len)
+    tokens, scores, finished = _beam(model, params, jnp.asarray(src, jnp.int32),
+                                     beam_size=int(beam_size), alpha=float(alpha),
+                                     max_len=max_len)
+    if all_hypotheses:
+        return tokens, scores, finished
+    return tokens[:, 0], scores[:, 0]
