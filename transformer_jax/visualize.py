@@ -96,13 +96,16 @@ def plot_attention(probs: np.ndarray, rows: Sequence[str], cols: Sequence[str], 
     for ax in axes.flat[len(heads):]:
         ax.axis("off")
     fontsize = max(5, min(10, 400 // max(len(rows), len(cols), 1)))
-    for ax, h in zip(axes.flat, heads):
+    for i, (ax, h) in enumerate(zip(axes.flat, heads)):
         im = ax.imshow(probs[h], cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
         ax.set_title(f"head {h}", fontsize=10)
         ax.set_xticks(range(len(cols)), cols, fontsize=fontsize, rotation=90)
-        ax.set_yticks(range(len(rows)), rows, fontsize=fontsize)
         ax.set_xlabel("key (attended to)", fontsize=8)
-        ax.set_ylabel("query", fontsize=8)
+        # Query labels on the first column only: the grid's rows share them, and labels of
+        # the next column would overlap the heatmap to their left.
+        ax.set_yticks(range(len(rows)), rows if i % ncols == 0 else [], fontsize=fontsize)
+        if i % ncols == 0:
+            ax.set_ylabel("query", fontsize=8)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="attention probability")
     fig.suptitle(title)
     fig.savefig(out, dpi=100, bbox_inches="tight")
