@@ -294,8 +294,8 @@ class TrainConfig:
         dispatches, identical per-step semantics. Checkpoints fall on multiples of it when the
         intervals above are multiples of it.
       parallel: "auto" (pmap over all local devices when there is more than one, else jit;
-        "sharded" with a ``mesh`` or several processes), "pmap", "sharded" (jit on a device mesh, state
-        sharded by :data:`transformer_jax.sharding.PARAM_RULES`), "shard_map" (data-parallel
+        "sharded" with a ``mesh`` or several processes), "pmap", "sharded" (jit on a device
+        mesh, state sharded by :data:`transformer_jax.sharding.PARAM_RULES`), "shard_map" (data-parallel
         step on the mesh), or "none" (jit on one device).
       mesh: axis sizes of the device mesh for "sharded"/"shard_map", e.g.
         "data=2,fsdp=2,tensor=1" (axes left out are 1; -1 takes the remaining devices); ""

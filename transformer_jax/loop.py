@@ -287,7 +287,9 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
         writer = (metrics.MetricsWriter(out, resume_step=start if restored else None) if lead
                   else _NoWriter())
         peak, peak_source = metrics.peak_flops(placement.devices)
-        log(f"{tc.model}: {model_cfg.num_decoder_layers} layers, d_model {model_cfg.d_model}, "
+        layers = (f"{model_cfg.num_decoder_layers}" if tc.task == "lm" else  # encoder+decoder
+                  f"{model_cfg.num_encoder_layers}+{model_cfg.num_decoder_layers}")
+        log(f"{tc.model}: {layers} layers, d_model {model_cfg.d_model}, "
             f"{fns.n_params / 1e6:.2f}M params, {fns.flops_per_token / 1e6:.1f} MFLOP/token; "
             f"{placement.kind} on "
             f"{placement.num_devices} {dev0.platform} device(s)"
@@ -296,6 +298,7 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
         host_state = lambda: placement.to_host(state)
         unrep_params = lambda: placement.params(state)
         schedule = training.make_schedule(tc, model_cfg.d_model)
+        meta = lambda step: {"step": step, "model": model_cfg.to_dict(), "train": tc.to_dict()}
 
         step, val_loss, last_eval = start, math.nan, -1
         interval: list[dict[str, np.ndarray]] = []
@@ -373,14 +376,12 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
                     postfix["tok/s"] = f"{tok_s:,.0f}" if tok_s else "-"
                     bar.set_postfix(postfix, refresh=False)
                     if do_ckpt:
-                        ckpt.save(step, placement.saveable(state), {"step": step, "model": model_cfg.to_dict(),
-                                                       "train": tc.to_dict()})
+                        ckpt.save(step, placement.saveable(state), meta(step))
                     n_timed, t_mark = 0, time.perf_counter()
             drain()
             interrupted = step < tc.steps
             if interrupted:
-                ckpt.save(step, placement.saveable(state), {"step": step, "model": model_cfg.to_dict(),
-                                               "train": tc.to_dict()})
+                ckpt.save(step, placement.saveable(state), meta(step))
                 log(f"stopped at step {step}; checkpoint saved in {out.resolve()}/checkpoints; "
                     "run the same command to resume")
             elif last_eval != step:  # finished earlier: evaluate the restored state once

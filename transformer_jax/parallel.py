@@ -171,8 +171,8 @@ def resolve(mode: str, devices: Sequence[Any] | None = None, mesh: str = "") -> 
 
     Args:
       mode: "auto" ("sharded" with a ``mesh`` or several processes; else pmap when there is
-        more than one local device, else jit), "pmap", "sharded", "shard_map", or "none" (jit on the first
-        device).
+        more than one local device, else jit), "pmap", "sharded", "shard_map", or "none" (jit
+        on the first device).
       devices: candidate devices; default ``jax.local_devices()`` for pmap/jit and
         ``jax.devices()`` (every process's) for the mesh kinds.
       mesh: ``--mesh``, e.g. "data=2,fsdp=2,tensor=1" (:func:`transformer_jax.sharding.parse_mesh`;
