@@ -59,15 +59,17 @@ def _split(batch: jax.Array, src_len: int) -> tuple[jax.Array, jax.Array, jax.Ar
 
 def loss_and_grads(apply_fn: Callable[..., Any], params: Any, batch: jax.Array, key: jax.Array,
                    *, label_smoothing: float, dropout: bool, src_len: int):
-    """(mean target-token loss, gradients) of one packed batch; plugs into ``train_step``."""
+    """((summed target-token loss, target count), gradients of the sum) of one packed batch.
+
+    Plugs into ``training.train_step``, which divides by the count of the whole global batch.
+    """
     def loss_fn(p):
         src, tgt_in, targets = _split(batch, src_len)
         logits = apply_fn({"params": p}, src, tgt_in, deterministic=not dropout,
                           rngs={"dropout": key})
-        total, count = training.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-        return total / jnp.maximum(count, 1.0)
+        return training.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
-    return jax.value_and_grad(loss_fn)(params)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
 def eval_step(params: Any, batch: jax.Array, *, apply_fn: Callable[..., Any],

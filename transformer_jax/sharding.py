@@ -242,14 +242,18 @@ def shard_map_step(fn: Callable[..., Any], mesh: jax.sharding.Mesh) -> Callable[
     """Data parallelism written per device: ``fn(state, batches, axis_name=<all mesh axes>)``.
 
     Every mesh axis carries data here (the state is replicated, the batch split over all
-    devices); inside, ``fn`` averages gradients and metrics with ``lax.pmean`` over the axes,
-    exactly as under ``pmap``, so the replicas stay identical.
+    devices); inside, ``fn`` averages gradients, losses and target counts with ``lax.pmean``
+    over the axes, exactly as under ``pmap``, so the replicas stay identical.
     """
     axes = tuple(mesh.axis_names)
     batch = PartitionSpec(None, axes)
+    # check_vma=False: with it on, JAX's transpose of the replicated parameters inserts a psum
+    # of their gradients by itself, and fn's own pmean (written for pmap) would count every
+    # device's gradient N times (measured: an N-times larger step, hidden by Adam's scale
+    # invariance except through ε).
     body = jax.shard_map(functools.partial(fn, axis_name=axes), mesh=mesh,
                          in_specs=(PartitionSpec(), batch),
-                         out_specs=(PartitionSpec(), PartitionSpec()))
+                         out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
     rep = replicated(mesh)
     return jax.jit(body, in_shardings=(rep, NamedSharding(mesh, batch)),
                    out_shardings=(rep, rep), donate_argnums=(0,))

@@ -217,15 +217,14 @@ def _inputs(batch: jax.Array) -> jax.Array:
     return jnp.maximum(batch[:, :-1], 0)
 
 
-def _mean_loss_and_grads(apply_fn, params, batch, key, *, label_smoothing, dropout):
-    """(mean loss over real targets, gradients) of one [b, T + 1] batch."""
+def _summed_loss_and_grads(apply_fn, params, batch, key, *, label_smoothing, dropout):
+    """((summed loss, real-target count), gradients of the sum) of one [b, T + 1] batch."""
     def loss_fn(p):
         logits = apply_fn({"params": p}, _inputs(batch), deterministic=not dropout,
                           rngs={"dropout": key})
-        total, count = cross_entropy(logits, batch[:, 1:], label_smoothing=label_smoothing)
-        return total / jnp.maximum(count, 1.0)
+        return cross_entropy(logits, batch[:, 1:], label_smoothing=label_smoothing)
 
-    return jax.value_and_grad(loss_fn)(params)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
 def train_step(state: TrainState, batch: jax.Array, *, apply_fn: Callable[..., Any],
@@ -245,9 +244,13 @@ def train_step(state: TrainState, batch: jax.Array, *, apply_fn: Callable[..., A
       grad_accum: split ``batch`` into this many micro-batches, one forward/backward each.
       dropout: run the model in training mode (needs ``dropout_rate > 0`` to matter).
       axis_name: the pmapped axis to average gradients and metrics over; ``None`` under jit.
-      loss_and_grads: ``(apply_fn, params, batch, key, *, label_smoothing, dropout) -> (mean
-        loss, grads)`` of one micro-batch; default: the language model's next-token loss.
-        The encoder–decoder's is :func:`transformer_jax.seq2seq.loss_and_grads`.
+      loss_and_grads: ``(apply_fn, params, batch, key, *, label_smoothing, dropout) ->
+        ((summed loss, number of real targets), gradients of the summed loss)`` of one
+        micro-batch; default: the language model's next-token loss. The encoder–decoder's is
+        :func:`transformer_jax.seq2seq.loss_and_grads`. Sums and counts are combined over
+        micro-batches and devices before dividing, so the step's loss is the mean over every
+        real target of the global batch on every path, even when parts hold different numbers
+        of targets (padding).
 
     Returns:
       (new state, metrics): ``loss`` (mean training loss), ``grad_norm`` (global norm before
@@ -256,23 +259,29 @@ def train_step(state: TrainState, batch: jax.Array, *, apply_fn: Callable[..., A
     key = jax.random.fold_in(state.rng, state.step)  # per-step dropout randomness
     if axis_name is not None:  # different dropout masks on different devices
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-    grads_of = functools.partial(loss_and_grads or _mean_loss_and_grads, apply_fn,
+    grads_of = functools.partial(loss_and_grads or _summed_loss_and_grads, apply_fn,
                                  label_smoothing=label_smoothing, dropout=dropout)
     if grad_accum == 1:
-        loss, grads = grads_of(state.params, batch, key)
+        (total, count), grads = grads_of(state.params, batch, key)
     else:
         micro = batch.reshape(grad_accum, batch.shape[0] // grad_accum, batch.shape[1])
 
         def accumulate(carry, xs):
             mb, i = xs
-            loss_i, grads_i = grads_of(state.params, mb, jax.random.fold_in(key, i))
-            return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+            sums_i, grads_i = grads_of(state.params, mb, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, carry, (sums_i, grads_i)), None
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-        (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
-        loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+        zero = jnp.zeros((), jnp.float32)
+        zeros = ((zero, zero), jax.tree.map(jnp.zeros_like, state.params))
+        ((total, count), grads), _ = jax.lax.scan(accumulate, zeros,
+                                                  (micro, jnp.arange(grad_accum)))
     if axis_name is not None:  # data parallelism: every replica applies the same mean gradient
-        loss, grads = jax.lax.pmean((loss, grads), axis_name)
+        # Means of sums and of counts: their ratio is the mean over every real target of the
+        # global batch, also when devices hold different numbers of targets (a mean of
+        # per-device means would weight a device's targets by 1 / its count).
+        total, count, grads = jax.lax.pmean((total, count, grads), axis_name)
+    denom = jnp.maximum(count, 1.0)
+    loss, grads = total / denom, jax.tree.map(lambda g: g / denom, grads)
     # apply_if_finite looks at the gradients only; a non-finite loss with finite gradients
     # (e.g. an Inf cut off by a where) is as suspect, so it poisons them and is skipped too.
     grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
