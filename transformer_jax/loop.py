@@ -37,7 +37,8 @@ from transformer_jax.checkpoint import Checkpointer
 from transformer_jax.config import ModelConfig, TrainConfig
 from transformer_jax.rundir import RunConfigError
 
-__all__ = ["NonFiniteError", "RunConfigError", "RunResult", "Workload", "run"]
+__all__ = ["NonFiniteError", "RunConfigError", "RunResult", "StepFunctions", "Workload", "run",
+           "step_config"]
 
 # Fields of TrainConfig that change the compiled train step (the others are the loop's).
 _STEP_FIELDS = ("model", "steps", "grad_accum", "optimizer", "lr", "min_lr_ratio", "schedule",
@@ -83,7 +84,9 @@ class RunResult:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Functions:
+class StepFunctions:
+    """A workload's model, optimizer, compiled train step, jitted eval step and its FLOP count."""
+
     model: Any
     tx: Any
     train: Callable[..., Any]
@@ -92,9 +95,14 @@ class _Functions:
     n_params: int
 
 
+def step_config(tc: TrainConfig) -> TrainConfig:
+    """``tc`` with only the fields that change the compiled step (the cache key of compiles)."""
+    return TrainConfig(**{f: getattr(tc, f) for f in _STEP_FIELDS})
+
+
 @functools.lru_cache(maxsize=8)
 def _functions(model_cfg: ModelConfig, step_cfg: TrainConfig, seq_len: int,
-               placement: parallel.Placement) -> _Functions:
+               placement: parallel.Placement) -> StepFunctions:
     """Model, optimizer and jitted/pmapped step functions (cached: reruns reuse compilations)."""
     model = training.build_model(step_cfg.model, model_cfg)
     tx = training.make_optimizer(step_cfg, model_cfg.d_model)
@@ -109,7 +117,7 @@ def _functions(model_cfg: ModelConfig, step_cfg: TrainConfig, seq_len: int,
     abstract = abstract_state.params
     flops = training.model_flops_per_token(abstract, model_cfg, seq_len, step_cfg.model)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
-    return _Functions(model, tx, train, evaluate, flops, n_params)
+    return StepFunctions(model, tx, train, evaluate, flops, n_params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +140,7 @@ class Workload:
         last line of ``metrics.jsonl`` when training completes (the seq2seq test evaluation).
     """
 
-    fns: _Functions
+    fns: StepFunctions
     init_state: Callable[[int], Any]
     train_batches: Callable[..., np.ndarray]
     width: int
@@ -148,8 +156,7 @@ def _lm_workload(model_cfg: ModelConfig, tc: TrainConfig,
     """The byte-level language model on the corpus of ``tc.data``."""
     corpus = data.load_corpus(tc.data, tc.val_fraction)
     _check_inputs(model_cfg, tc, placement, corpus)
-    step_cfg = TrainConfig(**{f: getattr(tc, f) for f in _STEP_FIELDS})
-    fns = _functions(model_cfg, step_cfg, tc.seq_len, placement)
+    fns = _functions(model_cfg, step_config(tc), tc.seq_len, placement)
     return Workload(
         fns=fns,
         init_state=lambda seed: training.init_state(fns.model, fns.tx, seed=seed,
@@ -182,7 +189,7 @@ def _next_stop(step: int, end: int, tc: TrainConfig) -> int:
     return min([end] + [(step // e + 1) * e for e in every])
 
 
-def _validate(fns: _Functions, params: Any, tokens: np.ndarray, tc: TrainConfig,
+def _validate(fns: StepFunctions, params: Any, tokens: np.ndarray, tc: TrainConfig,
               placement: parallel.Placement) -> float:
     """Mean NLL (nats per token) over the whole validation split."""
     total, count = 0.0, 0.0

@@ -53,7 +53,7 @@ rounding alone (a change that only reordered the loss's division moved it), at 2
 
 
 def _split(batch: jax.Array, src_len: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """A packed [B, S + T + 2] batch -> (src [B, S], decoder input [B, T + 1], targets [B, T + 1])."""
+    """Packed [B, S + T + 2] -> (src [B, S], decoder input [B, T + 1], targets [B, T + 1])."""
     src, tgt = batch[:, :src_len], batch[:, src_len:]
     targets = tgt[:, 1:]
     return src, tgt[:, :-1], jnp.where(targets == PAD, IGNORE, targets)
@@ -83,7 +83,7 @@ def eval_step(params: Any, batch: jax.Array, *, apply_fn: Callable[..., Any],
 
 def _check(model_cfg: ModelConfig, tc: TrainConfig, task: Seq2SeqTask,
            placement: parallel.Placement) -> None:
-    from transformer_jax.loop import RunConfigError
+    from transformer_jax.rundir import RunConfigError
 
     if tc.model != "transformer":
         raise RunConfigError(f"the {task.name} task trains the encoder-decoder Transformer; "
@@ -109,7 +109,7 @@ def _check(model_cfg: ModelConfig, tc: TrainConfig, task: Seq2SeqTask,
 def _functions(model_cfg: ModelConfig, step_cfg: TrainConfig, src_len: int, tgt_len: int,
                placement: parallel.Placement):
     """Model, optimizer and compiled steps (cached like the LM's: reruns reuse compilations)."""
-    from transformer_jax.loop import _Functions
+    from transformer_jax.loop import StepFunctions
     from transformer_jax.metrics import flops_per_token
 
     model = Transformer(model_cfg)
@@ -132,7 +132,7 @@ def _functions(model_cfg: ModelConfig, step_cfg: TrainConfig, src_len: int, tgt_
     layers = model_cfg.num_encoder_layers + 2 * model_cfg.num_decoder_layers
     flops = flops_per_token(n_params=n_params, n_layers=layers, seq_len=tgt_len + 1,
                             d_model=model_cfg.d_model)
-    return _Functions(model, tx, train, evaluate_fn, flops, n_params)
+    return StepFunctions(model, tx, train, evaluate_fn, flops, n_params)
 
 
 def _validate(fns, params: Any, packed: np.ndarray, batch_size: int,
@@ -159,12 +159,11 @@ def _abstract_state(model: Transformer, tx: Any, task: Seq2SeqTask, device: Any)
 def workload(model_cfg: ModelConfig, tc: TrainConfig, placement: parallel.Placement, *,
              log: Callable[[str], None]):
     """The :class:`~transformer_jax.loop.Workload` of ``tc.task`` for :func:`loop.run`."""
-    from transformer_jax.loop import _STEP_FIELDS, Workload
+    from transformer_jax.loop import Workload, step_config
 
     task = get_task(tc.task)
     _check(model_cfg, tc, task, placement)
-    step_cfg = TrainConfig(**{f: getattr(tc, f) for f in _STEP_FIELDS})
-    fns = _functions(model_cfg, step_cfg, task.src_len, task.max_tgt_len, placement)
+    fns = _functions(model_cfg, step_config(tc), task.src_len, task.max_tgt_len, placement)
     val = task.pack(task.examples("validation", NUM_VALIDATION, seed=tc.seed))
     test = task.examples("test", NUM_TEST, seed=tc.seed)
     lengths = (task.src_len, task.max_tgt_len + 1)
