@@ -35,6 +35,7 @@ import numpy as np
 from transformer_jax import data, distributed, metrics, parallel, rundir, sharding, training
 from transformer_jax.checkpoint import Checkpointer
 from transformer_jax.config import ModelConfig, TrainConfig
+from transformer_jax.model import count_params
 from transformer_jax.rundir import RunConfigError
 
 __all__ = ["NonFiniteError", "RunConfigError", "RunResult", "StepFunctions", "Workload", "run",
@@ -116,7 +117,7 @@ def _functions(model_cfg: ModelConfig, step_cfg: TrainConfig, seq_len: int,
     evaluate = jax.jit(functools.partial(training.eval_step, apply_fn=model.apply))
     abstract = abstract_state.params
     flops = training.model_flops_per_token(abstract, model_cfg, seq_len, step_cfg.model)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
+    n_params = count_params(abstract)
     return StepFunctions(model, tx, train, evaluate, flops, n_params)
 
 

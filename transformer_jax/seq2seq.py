@@ -123,10 +123,7 @@ def _functions(model_cfg: ModelConfig, step_cfg: TrainConfig, src_len: int, tgt_
         model, tx, seed=0, input_lengths=(src_len, tgt_len + 1)))
     train = placement.compile(step, abstract_state)
     evaluate_fn = jax.jit(functools.partial(eval_step, apply_fn=model.apply, src_len=src_len))
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                                 jnp.zeros((1, src_len), jnp.int32),
-                                                 jnp.zeros((1, tgt_len + 1), jnp.int32)))
-    n_params = count_params(abstract["params"])
+    n_params = count_params(abstract_state.params)
     # Per target token, counting the encoder as if the source were as long as the target
     # (6·N for the weights, 12·L·T·D for the attention products of every layer): an estimate.
     layers = model_cfg.num_encoder_layers + 2 * model_cfg.num_decoder_layers
