@@ -134,6 +134,23 @@ def test_gradients_match_jax_nn(case, causal, impl, block):
     assert float(jnp.abs(g(_Q, _K, _V, _BIAS)[3]).max()) > 0  # the bias gradient is real
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_forward_mode_matches_jax_nn(causal):
+    # The exact path's derivative is a custom JVP rule (reverse mode transposes it), so
+    # forward-mode differentiation works too and must agree with differentiating jax.nn.
+    kw = {k: v for k, v in CASES["all"].items() if k != "bias"}
+    tangents = tuple(randn(20 + i, x.shape) for i, x in enumerate((_Q, _K, _V, _BIAS)))
+
+    def jvp(fn):
+        return jax.jvp(lambda q, k, v, b: fn(q, k, v, b, is_causal=causal, **kw),
+                       (_Q, _K, _V, _BIAS), tangents)
+
+    (out, d_out) = jvp(functools.partial(dot_product_attention, implementation="exact"))
+    (ref, d_ref) = jvp(jax.nn.dot_product_attention)
+    np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(d_out, d_ref, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("impl,block", IMPLS)
 def test_gradient_matches_float64_finite_differences(impl, block):
     q, k, v = make_inputs(B=1, T=9, S=11, N=2, K=1, H=4, seed=3)
