@@ -11,7 +11,6 @@ import pytest
 
 from transformer_jax.config import PRESETS, ModelConfig
 from transformer_jax.model import (
-    FusedQKV,
     PositionalEncoding,
     Transformer,
     TransformerLM,
@@ -256,23 +255,3 @@ def test_copy_task_trains(norm):
         losses.append(float(loss))
     chance = np.log(V - 3)
     assert np.mean(losses[-5:]) < 0.4 * chance, losses[::10]
-
-
-def test_fused_qkv_has_dense_general_parameters_and_outputs():
-    # Checkpoints and the sharding table name the fused projection "qkv" with a [D, 3, N, H]
-    # kernel: FusedQKV must keep DenseGeneral's parameters and values while computing q, k, v
-    # as three matmuls.
-    import flax.linen as nn
-
-    N, H = TINY.num_heads, TINY.head_dim
-    x = jax.random.normal(KEY, (2, 5, TINY.d_model))
-    ours = FusedQKV(TINY).init(jax.random.PRNGKey(3), x)
-    dense = nn.DenseGeneral((3, N, H))
-    theirs = dense.init(jax.random.PRNGKey(3), x)
-    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
-        np.testing.assert_array_equal(a, b)
-    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(KEY, a.shape), ours)  # bias ≠ 0
-    expected = jnp.moveaxis(dense.apply(params, x), -3, 0)
-    for got, want in zip(FusedQKV(TINY).apply(params, x), expected):
-        np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
