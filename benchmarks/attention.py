@@ -78,7 +78,7 @@ def measure_point(B, T, is_causal, mode, dtype, impls, repeats, run=True):
     for impl in impls:
         exe, temp = compiled(impl, is_causal, mode, shape, dtype)
         rec = dict(impl=impl, batch=B, seq_len=T, causal=is_causal, mode=mode,
-                   dtype=jnp.dtype(dtype).name, temp_bytes=temp, time_s=None)
+                   dtype=jnp.dtype(dtype).name, temp_bytes=temp, time_s=None, rounds=None)
         records.append(rec)
         if run and (temp is None or temp <= RUN_LIMIT_BYTES):
             runnable[impl] = functools.partial(exe, *args)
@@ -86,6 +86,7 @@ def measure_point(B, T, is_causal, mode, dtype, impls, repeats, run=True):
         times = time_round_robin(runnable, repeats)
         for rec in records:
             rec["time_s"] = times.get(rec["impl"])
+            rec["rounds"] = repeats if rec["time_s"] is not None else None
     base = next((r for r in records if r["impl"] == "jax.nn"), None)
     for rec in records:
         if base and base["time_s"] and rec["time_s"]:
@@ -193,18 +194,27 @@ def main(argv=None) -> int:
     print(f"device: {machine['device']}", flush=True)
     records = []
     for B, T, causal, mode, dtype, impls, run in plan(args.quick, dtypes):
-        reps = repeats if T <= 2048 else max(3, repeats // 2)
+        if T <= 2048:
+            reps = repeats
+        elif args.quick:
+            # The one long quick point gets more rounds, not fewer: on the shared 2-core CPU the
+            # blockwise path's time per call at T 4096 is bimodal (620-670 ms or 880-1120 ms
+            # in one 12-call run), and the median of 3 rounds landed on either mode
+            # (ratios 0.66, 0.91, 1.00 in three quick runs of one day).
+            reps = 2 * repeats - 1
+        else:
+            reps = max(3, repeats // 2)
         records.extend(measure_point(B, T, causal, mode, dtype, impls, reps, run))
     goals = targets(records)
     columns = [("impl", "impl"), ("batch", "B"), ("seq_len", "T"), ("causal", "causal"),
-               ("mode", "mode"), ("dtype", "dtype"), ("time_ms", "time (ms)"),
+               ("mode", "mode"), ("dtype", "dtype"), ("time_ms", "time (ms)"), ("rounds", "runs"),
                ("time_vs_jax_nn", "time / jax.nn"), ("temp_mib", "temp MiB"),
                ("mem_vs_jax_nn", "mem / jax.nn")]
     rows = [dict(r, time_ms=None if r["time_s"] is None else r["time_s"] * 1e3,
                  temp_mib=None if r["temp_bytes"] is None else r["temp_bytes"] / 2**20)
             for r in records]
     md = [f"# Attention kernel benchmark\n\nDevice: {machine['device']}; jax {machine['jax_version']};"
-          f" {machine['date']}. N={N_HEADS}, H={HEAD_DIM}; median of {repeats} interleaved runs.\n",
+          f" {machine['date']}. N={N_HEADS}, H={HEAD_DIM}; times are medians of interleaved runs (column runs).\n",
           "## Targets\n", markdown_table(goals, [("target", "target"), ("value", "measured"),
                                                  ("limit", "target"), ("met", "met")]),
           "\n## All points\n", markdown_table(rows, columns)]
