@@ -214,7 +214,8 @@ def main(argv=None) -> int:
                  temp_mib=None if r["temp_bytes"] is None else r["temp_bytes"] / 2**20)
             for r in records]
     md = [f"# Attention kernel benchmark\n\nDevice: {machine['device']}; jax {machine['jax_version']};"
-          f" {machine['date']}. N={N_HEADS}, H={HEAD_DIM}; times are medians of interleaved runs (column runs).\n",
+          f" {machine['date']}. N={N_HEADS}, H={HEAD_DIM}; times are medians of interleaved"
+          " runs (column runs).\n",
           "## Targets\n", markdown_table(goals, [("target", "target"), ("value", "measured"),
                                                  ("limit", "target"), ("met", "met")]),
           "\n## All points\n", markdown_table(rows, columns)]
