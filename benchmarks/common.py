@@ -15,6 +15,16 @@ import jax
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
 
+def fake_cpu_devices(n: int) -> None:
+    """Ask XLA for ``n`` CPU devices; call before JAX initialises its backend (first jax use).
+
+    On accelerators the flag is ignored. An explicit count already in XLA_FLAGS wins.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
 def describe_machine() -> dict:
     """Name the device the numbers were taken on (results without it are meaningless)."""
     dev = jax.devices()[0]

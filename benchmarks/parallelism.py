@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 import statistics
 import sys
 import time
@@ -54,15 +53,17 @@ def _args():
 
 
 ARGS = _args() if __name__ == "__main__" else None
-if ARGS is not None:  # before JAX initialises its CPU backend
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={ARGS.devices}").strip()
+if ARGS is not None:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import describe_machine, fake_cpu_devices, markdown_table, write_results
+
+if ARGS is not None:
+    fake_cpu_devices(ARGS.devices)  # before JAX initialises its CPU backend
 
 import jax
 import numpy as np
 
-from benchmarks.common import describe_machine, markdown_table, write_results
 from transformer_jax import data, parallel, training
 from transformer_jax.config import PRESETS, TrainConfig
 
