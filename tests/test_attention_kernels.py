@@ -33,32 +33,33 @@ def _block_validity(spec, nq, nk, q_len, kv_len):
     return blocks.any(axis=(1, 3)), blocks.all(axis=(1, 3))
 
 
+def _check_block_loops(block_range, full_blocks, n, some, full, spec, q_len, kv_len):
+    """Row i of some/full [n_i, n]: the loop over blocks [lo, hi) of outer block i must visit
+    every block with a visible pair, and skip the mask on [a, b) = exactly the fully visible
+    ones (none when an arbitrary mask is present)."""
+    for i in range(some.shape[0]):
+        lo, hi = (int(x) for x in block_range(spec, i, n, q_len, kv_len))
+        a, b = (int(x) for x in full_blocks(spec, i, lo, hi, q_len, kv_len, False))
+        visited = np.zeros(n, bool)
+        visited[lo:hi] = True
+        unmasked = np.zeros(n, bool)
+        unmasked[a:b] = True
+        assert not (some[i] & ~visited).any(), "a block with visible keys is skipped"
+        np.testing.assert_array_equal(unmasked, full[i])  # exactly the fully visible blocks
+        assert full_blocks(spec, i, lo, hi, q_len, kv_len, True) == (lo, lo)
+
+
 @given(layouts())
 def test_key_blocks_visited_and_unmasked_match_brute_force(layout):
     spec, nq, nk, q_len, kv_len = layout
     some, full = _block_validity(spec, nq, nk, q_len, kv_len)
-    for i in range(nq):
-        lo, hi = (int(x) for x in ak.key_block_range(spec, i, nk, q_len, kv_len))
-        a, b = (int(x) for x in ak.full_key_blocks(spec, i, lo, hi, q_len, kv_len, False))
-        visited = np.zeros(nk, bool)
-        visited[lo:hi] = True
-        unmasked = np.zeros(nk, bool)
-        unmasked[a:b] = True
-        assert not (some[i] & ~visited).any(), "a block with visible keys is skipped"
-        np.testing.assert_array_equal(unmasked, full[i])  # exactly the fully visible blocks
-        assert ak.full_key_blocks(spec, i, lo, hi, q_len, kv_len, True) == (lo, lo)
+    _check_block_loops(ak.key_block_range, ak.full_key_blocks, nk, some, full,
+                       spec, q_len, kv_len)
 
 
 @given(layouts())
 def test_query_blocks_visited_and_unmasked_match_brute_force(layout):
     spec, nq, nk, q_len, kv_len = layout
     some, full = _block_validity(spec, nq, nk, q_len, kv_len)
-    for j in range(nk):
-        lo, hi = (int(x) for x in ak.query_block_range(spec, j, nq, q_len, kv_len))
-        a, b = (int(x) for x in ak.full_query_blocks(spec, j, lo, hi, q_len, kv_len, False))
-        visited = np.zeros(nq, bool)
-        visited[lo:hi] = True
-        unmasked = np.zeros(nq, bool)
-        unmasked[a:b] = True
-        assert not (some[:, j] & ~visited).any(), "a block with visible keys is skipped"
-        np.testing.assert_array_equal(unmasked, full[:, j])
+    _check_block_loops(ak.query_block_range, ak.full_query_blocks, nq, some.T, full.T,
+                       spec, q_len, kv_len)
