@@ -17,7 +17,6 @@ temporaries would not fit comfortably in memory are compiled (memory recorded) b
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from pathlib import Path
@@ -26,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, markdown_table, time_round_robin, write_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout: benchmarks.common and transformer_jax
 
+from benchmarks import common  # noqa: E402
 from transformer_jax.attention import dot_product_attention  # noqa: E402
 
 IMPLS = ("exact", "blockwise", "jax.nn", "naive")
@@ -83,7 +83,7 @@ def measure_point(B, T, is_causal, mode, dtype, impls, repeats, run=True):
         if run and (temp is None or temp <= RUN_LIMIT_BYTES):
             runnable[impl] = functools.partial(exe, *args)
     if runnable:
-        times = time_round_robin(runnable, repeats)
+        times = common.time_round_robin(runnable, repeats)
         for rec in records:
             rec["time_s"] = times.get(rec["impl"])
             rec["rounds"] = repeats if rec["time_s"] is not None else None
@@ -130,7 +130,7 @@ def find(records, **kw):
 
 
 def targets(records) -> list[dict]:
-    """The issue's targets as ratios measured in this run."""
+    """The kernel's targets, as ratios of times or memory measured in this run."""
     out = []
 
     def ratio(a, b, key):
@@ -157,12 +157,7 @@ def targets(records) -> list[dict]:
 
 
 def plot(records, out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = common.figure(3, figsize=(15, 4.2), dpi=110)
     for ax, (mode, key, label) in zip(axes, [("fwd", "time_s", "forward time (s)"),
                                              ("fwdbwd", "time_s", "forward+backward time (s)"),
                                              ("fwdbwd", "temp_bytes", "fwd+bwd temp memory (B)")]):
@@ -176,21 +171,17 @@ def plot(records, out_dir: Path) -> None:
                ylabel=label + " per example", title=f"causal, N={N_HEADS}, H={HEAD_DIM}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "attention.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out_dir / "attention.png")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="only the target points (≤ 2 min)")
+    parser = common.arg_parser(__doc__, "only the target points (≤ 2 min)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per point")
     parser.add_argument("--bf16", action="store_true", help="also sweep bfloat16 inputs")
-    parser.add_argument("--out", type=Path, default=None, help="output directory")
     args = parser.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 7)
     dtypes = [jnp.float32] + ([jnp.bfloat16] if args.bf16 else [])
-    machine = describe_machine()
+    machine = common.describe_machine()
     print(f"device: {machine['device']}", flush=True)
     records = []
     for B, T, causal, mode, dtype, impls, run in plan(args.quick, dtypes):
@@ -213,19 +204,17 @@ def main(argv=None) -> int:
     rows = [dict(r, time_ms=None if r["time_s"] is None else r["time_s"] * 1e3,
                  temp_mib=None if r["temp_bytes"] is None else r["temp_bytes"] / 2**20)
             for r in records]
-    md = [f"# Attention kernel benchmark\n\nDevice: {machine['device']}; jax {machine['jax_version']};"
-          f" {machine['date']}. N={N_HEADS}, H={HEAD_DIM}; times are medians of interleaved"
-          " runs (column runs).\n",
-          "## Targets\n", markdown_table(goals, [("target", "target"), ("value", "measured"),
-                                                 ("limit", "target"), ("met", "met")]),
-          "\n## All points\n", markdown_table(rows, columns)]
-    out = write_results("attention", dict(machine, device=machine["device"], records=records,
-                                          targets=goals, repeats=repeats, quick=args.quick),
-                        "\n".join(md), args.out)
+    md = [f"# Attention kernel benchmark\n\nDevice: {machine['device']}; "
+          f"jax {machine['jax_version']}; {machine['date']}. N={N_HEADS}, H={HEAD_DIM}; "
+          "times are medians of interleaved runs (column runs).\n",
+          "## Targets\n", common.targets_table(goals),
+          "\n## All points\n", common.markdown_table(rows, columns)]
+    out = common.write_results(
+        "attention", dict(machine, device=machine["device"], records=records, targets=goals,
+                          repeats=repeats, quick=args.quick),
+        "\n".join(md), args.out)
     plot(records, out)
-    for g in goals:
-        value = "n/a" if g["value"] is None else f"{g['value']:.3f}"
-        print(f"{g['target']}: {value} (target {g['limit']})")
+    common.print_targets(goals, lambda v: f"{v:.3f}")
     print(f"wrote {out}/results.json, results.md, attention.png")
     return 0
 

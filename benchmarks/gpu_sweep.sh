@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The whole GPU sweep in one command, for a machine with an accelerator (issue 5: one prepared
-# script; the device is recorded in every results.json by benchmarks/common.describe_machine).
+# The whole GPU sweep in one command, for a machine with an accelerator (one prepared script;
+# the device is recorded in every results.json by benchmarks/common.describe_machine).
 #
 #   OUT=/some/dir bash benchmarks/gpu_sweep.sh      # results under $OUT/<benchmark>/
 #   OUT=$OUT PACK=1 bash benchmarks/gpu_sweep.sh     # on the device tool: one $OUT/gpu_sweep.tgz
 #
-# Order: the issue's target first (Transformer vs LSTM, T up to 2048, all budgets), then the
+# Order: the GPU target first (Transformer vs LSTM, T up to 2048, all budgets), then the
 # attention kernel with bf16, then training throughput. Each step has its own time limit so
 # that a slow step still leaves the others' results; the budget is about 9 minutes in all.
 set -uo pipefail

@@ -3,12 +3,12 @@
 The paper's Table 1 argues that self-attention connects any two positions with a path of
 length O(1), while a recurrent layer needs O(n): a signal (and its gradient) must survive n
 state updates. This script asks what that means for learning. On the copying-memory task
-(:class:`~transformer_jax.tasks.CopyTask`: 4 random symbols out of 8, blanks, a delimiter, then
-the same symbols again) every recalled symbol sits exactly ``distance`` positions after its
-first occurrence. For distances 16, 64, 256 and 1024 we train a small pre-LN TransformerLM and
-an LSTM with the same parameter count, the same batches, batch size, step budget and
-optimizer, and report the fraction of recalled symbols predicted exactly (argmax) on held-out
-batches (another seed), and the wall time of training. Chance is 1/8.
+(:class:`~transformer_jax.data.copy_task.CopyTask`: 4 random symbols out of 8, blanks, a
+delimiter, then the same symbols again) every recalled symbol sits exactly ``distance``
+positions after its first occurrence. For distances 16, 64, 256 and 1024 we train a small
+pre-LN TransformerLM and an LSTM with the same parameter count, the same batches, batch size,
+step budget and optimizer, and report the fraction of recalled symbols predicted exactly
+(argmax) on held-out batches (another seed), and the wall time of training. Chance is 1/8.
 
     python benchmarks/long_range.py --quick   # distances 16, 64, 256: 250 steps × batch 8
     python benchmarks/long_range.py           # distances 16 … 1024: 500 steps × batch 16
@@ -25,7 +25,6 @@ Writes benchmarks/results/long_range/{results.json, results.md, long_range.png}.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import time
@@ -36,13 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, markdown_table, write_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout: benchmarks.common and transformer_jax
 
+from benchmarks import common  # noqa: E402
 from transformer_jax.config import ModelConfig  # noqa: E402
-from transformer_jax.model import TransformerLM, count_params  # noqa: E402
-from transformer_jax.rnn import LSTMLM, match_rnn_width  # noqa: E402
-from transformer_jax.tasks import CopyTask  # noqa: E402
+from transformer_jax.data.copy_task import CopyTask  # noqa: E402
+from transformer_jax.models import LSTMLM, TransformerLM, match_rnn_width  # noqa: E402
 
 TRAIN_SEED, EVAL_SEED = 0, 1  # held-out batches come from another seed
 LSTM_LAYERS = 2
@@ -78,12 +77,9 @@ def build_models(task: CopyTask, positions: str = POSITIONS) -> dict:
     """name -> (module, params count); the LSTM width matched to the Transformer's count."""
     cfg = transformer_config(task.seq_len, positions)
     tf = TransformerLM(cfg)
-    n = count_params(jax.eval_shape(lambda: tf.init(jax.random.PRNGKey(0),
-                                                    jnp.zeros((1, 8), jnp.int32))))
+    n = common.lm_num_params(tf)
     lstm = LSTMLM(match_rnn_width(n, num_layers=LSTM_LAYERS, vocab_size=task.vocab_size))
-    m = count_params(jax.eval_shape(lambda: lstm.init(jax.random.PRNGKey(0),
-                                                      jnp.zeros((1, 8), jnp.int32))))
-    return {"transformer": (tf, n), "lstm": (lstm, m)}
+    return {"transformer": (tf, n), "lstm": (lstm, common.lm_num_params(lstm))}
 
 
 def masked_loss(params, model, batch):
@@ -186,7 +182,7 @@ def run(distances, *, steps: int, batch_size: int, lr: float, eval_size: int) ->
 
 
 def check_target(records) -> dict:
-    """The issue's target: the Transformer ≥ 99% recall at distance 256 within the budget."""
+    """The target: the Transformer recalls ≥ 99% at distance 256 within the step budget."""
     value = next((r["accuracy"] for r in records if r["model"] == TARGET["model"]
                   and r["distance"] == TARGET["distance"]), None)
     return dict(target=f"{TARGET['model']} accuracy at distance {TARGET['distance']}",
@@ -197,7 +193,7 @@ def check_target(records) -> dict:
 def markdown(records, goal, machine, mode) -> str:
     """The results table: model × distance accuracy and wall time, and the target line."""
     r0 = records[0]
-    table = markdown_table(
+    table = common.markdown_table(
         [{**r, "accuracy": f"{100 * r['accuracy']:.1f}%"} for r in records],
         [("model", "model"), ("params", "params"), ("width", "width"),
          ("distance", "distance"), ("steps", "steps"), ("accuracy", "accuracy"),
@@ -218,12 +214,7 @@ def markdown(records, goal, machine, mode) -> str:
 
 def plot(records, out_dir: Path) -> None:
     """Held-out accuracy vs distance, and training-batch accuracy vs step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, (ax, ax2) = common.figure(2, figsize=(12, 4.4), dpi=110)
     distances = sorted({r["distance"] for r in records})
     for name, color in (("transformer", "C0"), ("lstm", "C1")):
         rs = sorted((r for r in records if r["model"] == name), key=lambda r: r["distance"])
@@ -245,34 +236,30 @@ def plot(records, out_dir: Path) -> None:
     ax2.set(xlabel="step", ylabel="training-batch accuracy", title="learning curves")
     ax.legend(fontsize=8)
     ax2.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out_dir / "long_range.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out_dir / "long_range.png")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="distances ≤ 256, fewer steps")
+    parser = common.arg_parser(__doc__, "distances ≤ 256, fewer steps")
     parser.add_argument("--distances", type=int, nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=None, help="step budget per model")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=LR)
-    parser.add_argument("--out", type=Path, default=None, help="output directory")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
     cfg = dict(MODES[mode])
     cfg.update({k: v for k, v in (("distances", args.distances), ("steps", args.steps),
                                   ("batch_size", args.batch_size)) if v is not None})
-    machine = describe_machine()
+    machine = common.describe_machine()
     print(f"device: {machine['device']}; {mode}: {cfg}", flush=True)
     start = time.perf_counter()
     records = run(cfg["distances"], steps=cfg["steps"], batch_size=cfg["batch_size"],
                   lr=args.lr, eval_size=cfg["eval_size"])
     goal = check_target(records)
-    out = write_results("long_range", dict(machine, mode=mode, positions=POSITIONS,
-                                           target=goal, records=records,
-                                           total_s=time.perf_counter() - start),
-                        markdown(records, goal, machine, mode), args.out)
+    out = common.write_results("long_range", dict(machine, mode=mode, positions=POSITIONS,
+                                                  target=goal, records=records,
+                                                  total_s=time.perf_counter() - start),
+                               markdown(records, goal, machine, mode), args.out)
     plot(records, out)
     value = "n/a" if goal["value"] is None else f"{100 * goal['value']:.1f}%"
     print(f"{goal['target']}: {value} (target {goal['limit']}); "

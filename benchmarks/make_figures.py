@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # runs from a checkout: transformer_jax
 
-from transformer_jax import visualize  # noqa: E402
+from transformer_jax.cli import visualize  # noqa: E402
 
 TEXT = "for i in range(10):\n    print(i)"
 SENTENCE = "the big red cats near a dog saw this old king today"

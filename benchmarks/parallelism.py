@@ -4,13 +4,13 @@ per-device memory of parameters + optimizer state under DP, FSDP and tensor para
     python benchmarks/parallelism.py --quick     # ≤ 2 min on 2 CPU cores (8 fake devices)
     python benchmarks/parallelism.py             # more repeats, and the FSDP step too
 
-Step time: the pure train step (:func:`transformer_jax.training.train_steps`, k steps per call)
+Step time: the pure train step (:func:`transformer_jax.train.train_steps`, k steps per call)
 placed by :func:`transformer_jax.parallel.resolve` exactly as ``train.py --parallel …`` does:
 
 * ``jit×1``: one device — the baseline every ratio refers to (timed in every group);
 * ``pmap×N``: replicated state, batch split over N devices, ``lax.pmean``;
-* ``sharded×N``: ``jit`` on a ``data=N`` mesh (``--parallel sharded``); with ``--full`` also
-  ``fsdp=N`` (parameters and Adam moments split N ways);
+* ``sharded×N``: ``jit`` on a ``data=N`` mesh (``--parallel sharded``); without ``--quick``
+  also ``fsdp=N`` (parameters and Adam moments split N ways);
 * ``shard_map×N``: the per-device step on the mesh with ``lax.pmean``.
 
 Timing: compile and one warm-up call first, then the variants of one device count are called
@@ -20,9 +20,9 @@ cores (XLA already uses all of them for one device), so these rows show that eve
 and what its overhead is — not a speed-up. Real speed-ups need real accelerators (README).
 
 Memory: per-device bytes of parameters and optimizer state (AdamW μ and ν) of a GPT-2-small
-sized LM under the :data:`transformer_jax.sharding.PARAM_RULES` table on 8 devices, from the
-per-device shard shapes the arrays get (``NamedSharding.shard_shape``; tests/test_sharding.py
-checks real arrays against the same table).
+sized LM under the :data:`transformer_jax.parallel.sharding.PARAM_RULES` table on 8 devices,
+from the per-device shard shapes the arrays get (``NamedSharding.shard_shape``;
+tests/parallel/test_sharding.py checks real arrays against the same table).
 
 Writes results.json (with the machine), results.md, step_time.png and memory.png into
 benchmarks/results/parallelism/.
@@ -30,7 +30,6 @@ benchmarks/results/parallelism/.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import statistics
@@ -38,34 +37,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="few repeats (≤ 2 min)")
-    p.add_argument("--devices", type=int, default=8,
-                   help="fake CPU devices (ignored on accelerators); counts 1, 2, 4, … up to it")
-    p.add_argument("--seconds", type=float, default=None,
-                   help="timing budget per device count (default 3 quick, 15 full)")
-    p.add_argument("--out", type=Path, default=None, help="output folder")
-    return p.parse_args()
-
-
-ARGS = _args() if __name__ == "__main__" else None
-if ARGS is not None:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import describe_machine, fake_cpu_devices, markdown_table, write_results
-
-if ARGS is not None:
-    fake_cpu_devices(ARGS.devices)  # before JAX initialises its CPU backend
-
 import jax
 import numpy as np
 
-from transformer_jax import data, parallel, training
-from transformer_jax.config import PRESETS, TrainConfig
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout: benchmarks.common and transformer_jax
+
+from benchmarks import common  # noqa: E402
+from transformer_jax import data, models, parallel, train  # noqa: E402
+from transformer_jax.config import PRESETS, TrainConfig  # noqa: E402
 
 # The timed model: 2 × 128, T 64, B 16 (divisible by 8 devices), k steps per call.
 TIMED = dataclasses.replace(PRESETS["cpu-lm"], num_decoder_layers=2, d_model=128, num_heads=4,
@@ -84,10 +64,10 @@ LAYOUTS = [  # (name, --parallel, --mesh) on 8 devices
 
 def _step_and_state(cfg, seq_len, k):
     tc = TrainConfig(batch_size=BATCH, seq_len=seq_len, steps_per_call=k)
-    model = training.build_model("transformer", cfg)
-    tx = training.make_optimizer(tc, cfg.d_model)
-    step = functools.partial(training.train_steps, apply_fn=model.apply, tx=tx)
-    init = lambda: training.init_state(model, tx, seed=0, seq_len=seq_len)
+    model = models.build_model("transformer", cfg)
+    tx = train.make_optimizer(tc, cfg.d_model)
+    step = functools.partial(train.train_steps, apply_fn=model.apply, tx=tx)
+    init = lambda: train.init_state(model, tx, seed=0, seq_len=seq_len)
     return step, init
 
 
@@ -109,18 +89,9 @@ def _variant(placement, step, init, tokens):
 
 
 def _time(variants, seconds, min_repeats=5):
-    """Median seconds per optimizer step of each variant, measured round-robin."""
-    for call in variants.values():  # compile + warm up
-        jax.block_until_ready(call())
-        jax.block_until_ready(call())
-    times = {name: [] for name in variants}
-    t_end = time.perf_counter() + seconds
-    while time.perf_counter() < t_end or min(len(v) for v in times.values()) < min_repeats:
-        for name, call in variants.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(call())
-            times[name].append((time.perf_counter() - t0) / K)
-    return ({name: statistics.median(v) for name, v in times.items()},
+    """Median seconds per optimizer step of each variant (round-robin), and its call count."""
+    times = common.round_robin_times(variants, min_repeats, seconds=seconds, warmups=2)
+    return ({name: statistics.median(v) / K for name, v in times.items()},
             {name: len(v) for name, v in times.items()})
 
 
@@ -187,10 +158,7 @@ def memory_rows(n_devices):
 
 
 def _plot(step_rows, mem_rows, folder, fake):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), dpi=100)
-    ax = fig.subplots()
+    fig, ax = common.figure(figsize=(6, 4))
     for variant in dict.fromkeys(r["variant"] for r in step_rows if r["name"] != "jit×1"):
         pts = [(r["devices"], 1 / r["vs_jit"]) for r in step_rows if r["variant"] == variant]
         ax.plot(*zip(*pts), marker="o", label=variant)
@@ -203,11 +171,9 @@ def _plot(step_rows, mem_rows, folder, fake):
         ": fake devices show overhead, not speed-up" if fake else ""), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "step_time.png")
+    common.save_figure(fig, folder / "step_time.png")
 
-    fig = Figure(figsize=(7, 3.8), dpi=100)
-    ax = fig.subplots()
+    fig, ax = common.figure(figsize=(7, 3.8))
     names = [r["layout"] + ("" if r["mesh"] == "–" else "\n" + r["mesh"].replace(",", "\n"))
              for r in mem_rows]
     params = [r["params_mb"] for r in mem_rows]
@@ -219,17 +185,23 @@ def _plot(step_rows, mem_rows, folder, fake):
                  "state per device, 8 devices", fontsize=9)
     ax.tick_params(axis="x", labelsize=7)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "memory.png")
+    common.save_figure(fig, folder / "memory.png")
 
 
-def main():
-    args = ARGS
+def main(argv=None) -> int:
+    parser = common.arg_parser(__doc__, "few repeats, no FSDP step (≤ 2 min)")
+    parser.add_argument("--devices", type=int, default=8,
+                        help="fake CPU devices (ignored on accelerators); counts 1, 2, 4, … up "
+                             "to it")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="timing budget per device count (default 3 quick, 15 full)")
+    args = parser.parse_args(argv)
+    common.fake_cpu_devices(args.devices)  # before the first JAX use below
     t0 = time.perf_counter()
     n_max = len(jax.local_devices())
     counts = [n for n in (1, 2, 4, 8, 16) if n <= n_max]
     seconds = args.seconds or (3.0 if args.quick else 15.0)
-    machine = describe_machine()
+    machine = common.describe_machine()
     fake = jax.devices()[0].platform == "cpu"
     step_rows = step_times(counts, seconds, full=not args.quick)
     mem_rows = memory_rows(min(8, len(jax.devices())))
@@ -248,26 +220,27 @@ def main():
         "",
         (f"## Step time ({TIMED.num_decoder_layers}×{TIMED.d_model} LM, T {SEQ_LEN}, global "
         f"batch {BATCH}, {K} steps per call; median per step, variants interleaved)"), "",
-        markdown_table(step_rows, [("devices", "devices"), ("name", "variant"),
-                                   ("step_ms", "ms/step"), ("tokens_per_s", "tokens/s"),
-                                   ("jit_ms", "jit×1 ms/step (same rounds)"),
-                                   ("vs_jit", "× jit, 1 device"), ("repeats", "calls")]),
+        common.markdown_table(step_rows, [("devices", "devices"), ("name", "variant"),
+                                          ("step_ms", "ms/step"), ("tokens_per_s", "tokens/s"),
+                                          ("jit_ms", "jit×1 ms/step (same rounds)"),
+                                          ("vs_jit", "× jit, 1 device"), ("repeats", "calls")]),
         "",
         (f"## Per-device memory: GPT-2 small LM ({MEMORY_MODEL.num_decoder_layers}×"
         f"{MEMORY_MODEL.d_model}, V {MEMORY_MODEL.vocab_size}), float32 parameters + AdamW "
         "state, on 8 devices"), "",
         "From the per-device shard shapes of the sharding table (activations not included).",
         "",
-        markdown_table(mem_rows, [("layout", "layout"), ("mesh", "--mesh"),
-                                  ("params_mb", "params MiB"),
-                                  ("opt_state_mb", "optimizer MiB"),
-                                  ("total_mb", "total MiB"), ("fraction", "× one device")]),
+        common.markdown_table(mem_rows, [("layout", "layout"), ("mesh", "--mesh"),
+                                         ("params_mb", "params MiB"),
+                                         ("opt_state_mb", "optimizer MiB"),
+                                         ("total_mb", "total MiB"), ("fraction", "× one device")]),
     ])
-    folder = write_results("parallelism", payload, md, args.out)
+    folder = common.write_results("parallelism", payload, md, args.out)
     _plot(step_rows, mem_rows, folder, fake)
     print(f"wrote {folder}/results.json, results.md, step_time.png, memory.png "
           f"({payload['wall_s']:.0f} s)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,24 +4,24 @@
     python benchmarks/train_throughput.py             # more sizes and sequence lengths
 
 For every (model size, sequence length) it times the same pure step
-(:func:`transformer_jax.training.train_steps`) as the training loop runs it:
+(:func:`transformer_jax.train.train_steps`) as the training loop runs it:
 
 * ``jit k=1``: one optimizer step per compiled call — the baseline every ratio refers to;
 * ``jit k=K``: K steps per call in one ``lax.scan`` (what ``train.py`` does);
-* ``pmap×N k=K``: the data-parallel step over N devices (on a CPU, N fake devices on the same
-  cores: a correctness path, not a speed-up — DESIGN.md).
+* ``pmap×N k=K``: the data-parallel step over N devices. On a CPU these are N fake devices
+  sharing the same cores, so the row tests that the path runs correctly, not a speed-up.
 
 Timing: compile and one warm-up call first, then the variants of one size are called round-robin
 (so machine load hits them alike), each call blocked with ``block_until_ready``; the median of
-the repeats is reported. MFU = tokens/s · (6·N + 12·L·T·D) / peak, where the peak of a CPU is a
-2048² float32 matmul measured in the same run (before and after; REFERENCE.md).
+the repeats is reported. MFU = tokens/s · (6·N + 12·L·T·D) / peak. On a CPU the peak is a
+2048² float32 matmul measured in the same run, before and after the timings: no float32 matmul
+reaches the vendor's figure, and the speed of a shared machine drifts.
 Writes results.json (with the machine), results.md and throughput.png into
 benchmarks/results/train_throughput/.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import statistics
@@ -29,33 +29,16 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="two sizes, few repeats (≤ 2 min)")
-    p.add_argument("--devices", type=int, default=2,
-                   help="fake CPU devices for the pmap rows (ignored on accelerators)")
-    p.add_argument("--seconds", type=float, default=None,
-                   help="timing budget per size (default 15 quick, 30 full)")
-    p.add_argument("--out", type=Path, default=None, help="output folder")
-    return p.parse_args()
-
-
-ARGS = _args() if __name__ == "__main__" else None
-if ARGS is not None:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import describe_machine, fake_cpu_devices, markdown_table, write_results
-
-if ARGS is not None:
-    fake_cpu_devices(ARGS.devices)  # before JAX initialises its CPU backend
-
 import jax
 
-from transformer_jax import data, metrics, parallel, training
-from transformer_jax.config import PRESETS, TrainConfig
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout: benchmarks.common and transformer_jax
+
+from benchmarks import common  # noqa: E402
+from transformer_jax import data, models, parallel, train  # noqa: E402
+from transformer_jax.config import PRESETS, TrainConfig  # noqa: E402
+from transformer_jax.models import accounting  # noqa: E402
+from transformer_jax.runs import metrics  # noqa: E402
 
 # (name, layers, d_model, heads, d_ff, seq_len, batch)
 QUICK = [
@@ -75,22 +58,22 @@ def _variants(layers, d_model, heads, d_ff, seq_len, batch, k, n_dev):
                               num_heads=heads, num_kv_heads=heads, d_ff=d_ff, dropout_rate=0.0,
                               max_len=max(seq_len, 64))
     tc = TrainConfig(batch_size=batch, seq_len=seq_len, steps_per_call=k)
-    model = training.build_model("transformer", cfg)
-    tx = training.make_optimizer(tc, cfg.d_model)
-    step = functools.partial(training.train_steps, apply_fn=model.apply, tx=tx)
+    model = models.build_model("transformer", cfg)
+    tx = train.make_optimizer(tc, cfg.d_model)
+    step = functools.partial(train.train_steps, apply_fn=model.apply, tx=tx)
     tokens = data.load_corpus().train
-    flops = training.model_flops_per_token(
-        jax.eval_shape(lambda: training.init_state(model, tx, seed=0, seq_len=seq_len)).params,
+    flops = accounting.lm_flops_per_token(
+        jax.eval_shape(lambda: train.init_state(model, tx, seed=0, seq_len=seq_len)).params,
         cfg, seq_len)
     devices = jax.local_devices()
 
     def make(kind, steps, n):
         if kind == "pmap":
-            state = [parallel.replicate(training.init_state(model, tx, seed=0, seq_len=seq_len),
+            state = [parallel.replicate(train.init_state(model, tx, seed=0, seq_len=seq_len),
                                         devices[:n])]
             fn = parallel.pmap_step(step, devices[:n])
         else:
-            state = [training.init_state(model, tx, seed=0, seq_len=seq_len)]
+            state = [train.init_state(model, tx, seed=0, seq_len=seq_len)]
             fn = parallel.jit_step(step)
         counter = [0]
 
@@ -114,28 +97,18 @@ def _variants(layers, d_model, heads, d_ff, seq_len, batch, k, n_dev):
 
 
 def _time(variants, seconds, min_repeats=3):
-    """Median seconds per optimizer step of each variant, measured round-robin."""
-    for call, _ in variants.values():  # compile + warm up
-        jax.block_until_ready(call())
-        jax.block_until_ready(call())
-    times = {name: [] for name in variants}
-    t_end = time.perf_counter() + seconds
-    while time.perf_counter() < t_end or min(len(v) for v in times.values()) < min_repeats:
-        for name, (call, steps) in variants.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(call())
-            times[name].append((time.perf_counter() - t0) / steps)
-    return {name: statistics.median(v) for name, v in times.items()}, {
-        name: len(v) for name, v in times.items()}
+    """Median seconds per optimizer step of each variant (round-robin), and its call count."""
+    times = common.round_robin_times({name: call for name, (call, _) in variants.items()},
+                                     min_repeats, seconds=seconds, warmups=2)
+    return ({name: statistics.median(times[name]) / steps
+             for name, (_, steps) in variants.items()},
+            {name: len(v) for name, v in times.items()})
 
 
 def _plot(rows, path):
-    from matplotlib.figure import Figure
-
     sizes = list(dict.fromkeys(r["size"] for r in rows))
     names = list(dict.fromkeys(r["variant"] for r in rows))
-    fig = Figure(figsize=(8, 4), dpi=100)
-    ax_tok, ax_mfu = fig.subplots(1, 2)
+    fig, (ax_tok, ax_mfu) = common.figure(2, figsize=(8, 4))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         xs = [s + i * width for s in range(len(sizes))]
@@ -153,12 +126,17 @@ def _plot(rows, path):
     ax_tok.set_yscale("log")
     ax_mfu.legend(fontsize=7)
     fig.suptitle("Train-step throughput (median per step)")
-    fig.tight_layout()
-    fig.savefig(path)
+    common.save_figure(fig, path)
 
 
-def main():
-    args = ARGS
+def main(argv=None) -> int:
+    parser = common.arg_parser(__doc__, "two sizes, few repeats (≤ 2 min)")
+    parser.add_argument("--devices", type=int, default=2,
+                        help="fake CPU devices for the pmap rows (ignored on accelerators)")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="timing budget per size (default 15 quick, 30 full)")
+    args = parser.parse_args(argv)
+    common.fake_cpu_devices(args.devices)  # before the first JAX use below
     sizes = QUICK if args.quick else FULL
     seconds = args.seconds or (15.0 if args.quick else 30.0)
     k = 10
@@ -188,26 +166,27 @@ def main():
                   f"MFU {100 * tok_s * flops / peak:5.1f}%  ×{base / t:.2f} vs jit k=1",
                   flush=True)
     probe_after = metrics.cpu_matmul_probe.__wrapped__() if probe_before is not None else None
-    out = args.out or ROOT / "benchmarks" / "results" / "train_throughput"
-    payload = {"machine": describe_machine(), "peak_flops": peak, "peak_source": peak_source,
-               "cpu_probe_flops_before": probe_before, "cpu_probe_flops_after": probe_after,
-               "quick": args.quick, "steps_per_call": k, "rows": rows,
+    payload = {"machine": common.describe_machine(), "peak_flops": peak,
+               "peak_source": peak_source, "cpu_probe_flops_before": probe_before,
+               "cpu_probe_flops_after": probe_after, "quick": args.quick, "steps_per_call": k,
+               "rows": rows,
                "wall_s": time.perf_counter() - t0}
     md = "\n".join([
         "# Train-step throughput", "",
         (f"Machine: {payload['machine']['device']}; peak {peak / 1e9:.0f} GFLOP/s "
         f"({peak_source}; probe after: "
         f"{(probe_after or float('nan')) / 1e9:.0f} GFLOP/s)."), "",
-        markdown_table(rows, [("size", "model"), ("seq_len", "T"), ("batch", "B"),
-                              ("variant", "variant"), ("step_ms", "ms/step"),
-                              ("tokens_per_s", "tokens/s"), ("mfu", "MFU"),
-                              ("vs_jit_k1", "× jit k=1")]),
+        common.markdown_table(rows, [("size", "model"), ("seq_len", "T"), ("batch", "B"),
+                                     ("variant", "variant"), ("step_ms", "ms/step"),
+                                     ("tokens_per_s", "tokens/s"), ("mfu", "MFU"),
+                                     ("vs_jit_k1", "× jit k=1")]),
     ])
-    folder = write_results("train_throughput", payload, md, out)
+    folder = common.write_results("train_throughput", payload, md, args.out)
     _plot(rows, folder / "throughput.png")
     print(f"wrote {folder}/results.json, results.md, throughput.png "
           f"({payload['wall_s']:.0f} s)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

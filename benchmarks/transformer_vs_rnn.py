@@ -5,7 +5,7 @@ steps, a recurrent layer O(n·d²) work in O(n) sequential steps. This script me
 means for our code on the machine at hand. Per model (TransformerLM, LSTMLM, GRULM), parameter
 budget (~1M, ~3M, ~10M, the RNN width matched to the Transformer's count) and length T:
 
-  * ``train``    — tokens/s of train.py's optimizer step (``training.train_step``), batch 16
+  * ``train``    — tokens/s of train.py's optimizer step (``train.train_step``), batch 16
   * ``forward``  — tokens/s of a forward pass, batch 16 and batch 1 (its latency in ms)
   * ``generate`` — tokens/s of autoregressive sampling, batch 1 (KV cache vs recurrent state)
 
@@ -18,7 +18,6 @@ one (budget, T, mode) are timed interleaved, so machine load hits them alike.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from pathlib import Path
@@ -26,16 +25,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, markdown_table, time_round_robin, write_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout: benchmarks.common and transformer_jax
 
-from transformer_jax import decoding, rnn, training  # noqa: E402
+from benchmarks import common  # noqa: E402
+from transformer_jax import decoding, train  # noqa: E402
 from transformer_jax.config import ModelConfig, TrainConfig  # noqa: E402
-from transformer_jax.model import TransformerLM, count_params  # noqa: E402
+from transformer_jax.models import RNNLM, TransformerLM, accounting, match_rnn_width  # noqa: E402
 
 VOCAB = 256
 # Transformer shapes per budget (pre-LN, sinusoidal positions so the count does not depend on
-# T, d_ff = 4·d_model, tied output embedding). 3M is the issue's 4 × 256.
+# T, d_ff = 4·d_model, tied output embedding). The targets are set at 3M (4 × 256).
 BUDGETS = {"1M": (4, 144, 4), "3M": (4, 256, 4), "10M": (6, 384, 6)}  # (layers, D, heads)
 RNN_LAYERS = 2
 PROMPT = 16
@@ -51,29 +51,22 @@ def transformer_config(budget: str, max_len: int) -> ModelConfig:
                        share_embeddings=True)
 
 
-def num_params(model) -> int:
-    return count_params(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                                          jnp.zeros((1, 8), jnp.int32))))
-
-
 def build_models(budget: str, max_len: int, cells) -> dict:
     """name -> (flax module, config, params count), RNN widths matched to the Transformer."""
     cfg = transformer_config(budget, max_len)
     models = {"transformer": (TransformerLM(cfg), cfg)}
-    n = num_params(models["transformer"][0])
+    n = common.lm_num_params(models["transformer"][0])
     for cell in cells:
-        rcfg = rnn.match_rnn_width(n, cell_type=cell, num_layers=RNN_LAYERS, vocab_size=VOCAB)
-        models[cell] = (rnn.RNNLM(rcfg, cell), rcfg)
-    return {k: (m, c, num_params(m)) for k, (m, c) in models.items()}
+        rcfg = match_rnn_width(n, cell_type=cell, num_layers=RNN_LAYERS, vocab_size=VOCAB)
+        models[cell] = (RNNLM(rcfg, cell), rcfg)
+    return {k: (m, c, common.lm_num_params(m)) for k, (m, c) in models.items()}
 
 
 def flops_per_token(name: str, model, cfg: ModelConfig, T: int, mode: str) -> float:
     """Model FLOPs per token as train.py counts them (6N + 12·L·T·D, or the RNN's gate
     matmuls); a forward pass is a third of a training step."""
-    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                               jnp.zeros((1, 8), jnp.int32)))["params"]
-    train = training.model_flops_per_token(params, cfg, T, name)
-    return train if mode == "train" else train / 3
+    per_step = accounting.lm_flops_per_token(common.lm_param_shapes(model), cfg, T, name)
+    return per_step if mode == "train" else per_step / 3
 
 
 def sequential_steps(name: str, cfg: ModelConfig, T: int, mode: str, new_tokens: int) -> int:
@@ -92,15 +85,14 @@ def make_call(name, model, cfg, params, mode, B, T, new_tokens):
         return functools.partial(fwd, params, tokens)
     if mode == "generate":
         prompt = tokens[:, :PROMPT]
-        gen = decoding.generate if name == "transformer" else rnn.generate
-        return functools.partial(gen, model, params, prompt, new_tokens,
+        return functools.partial(decoding.generate, model, params, prompt, new_tokens,
                                  rng=jax.random.PRNGKey(0), temperature=1.0)
     # The step train.py runs: AdamW + clipping inside apply_if_finite, state donated.
     tc = TrainConfig(model=name, steps=1000, batch_size=B, seq_len=T, lr=1e-3)
-    tx = training.make_optimizer(tc, cfg.d_model)
-    step = jax.jit(functools.partial(training.train_step, apply_fn=model.apply, tx=tx),
+    tx = train.make_optimizer(tc, cfg.d_model)
+    step = jax.jit(functools.partial(train.train_step, apply_fn=model.apply, tx=tx),
                    donate_argnums=0)
-    state = {"s": training.init_state(model, tx, seed=0, seq_len=T)}
+    state = {"s": train.init_state(model, tx, seed=0, seq_len=T)}
     batch = jax.random.randint(jax.random.PRNGKey(T), (B, T + 1), 0, VOCAB)
 
     def run():
@@ -149,7 +141,7 @@ def measure(points, repeats: int, on_cpu: bool):
         if not fns:
             continue
         reps = repeats if T <= 512 else max(3, repeats // 2)
-        times = time_round_robin(fns, reps)
+        times = common.time_round_robin(fns, reps)
         for name, seconds in times.items():
             cfg, n, flops = meta[name]
             tokens = B * (new_tokens if mode == "generate" else T)
@@ -202,12 +194,7 @@ def targets(speedups, on_gpu: bool):
 
 
 def plot(records, speedups, out_dir: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    fig, axes = common.figure(3, figsize=(16, 4.4), dpi=110)
     styles = {"1M": ":", "3M": "-", "10M": "--"}
     for name, color in (("transformer", "C0"), ("lstm", "C1"), ("gru", "C2")):
         for budget, ls in styles.items():
@@ -234,18 +221,14 @@ def plot(records, speedups, out_dir: Path):
         ax.set(xscale="log", yscale="log", xlabel="sequence length T", title=title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "transformer_vs_rnn.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out_dir / "transformer_vs_rnn.png")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="only the target points")
+    parser = common.arg_parser(__doc__, "only the target points")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per point")
-    parser.add_argument("--out", type=Path, default=None, help="output directory")
     args = parser.parse_args(argv)
-    machine = describe_machine()
+    machine = common.describe_machine()
     on_cpu = machine["platform"] == "cpu"
     print(f"device: {machine['device']}", flush=True)
     repeats = args.repeats or (5 if args.quick else 7)
@@ -259,20 +242,18 @@ def main(argv=None) -> int:
             ("sequential_steps", "sequential steps")]
     md = [f"# Transformer vs RNN\n\nDevice: {machine['device']}; jax {machine['jax_version']}; "
           f"{machine['date']}. Median of {repeats} interleaved runs.\n",
-          "## Targets\n", markdown_table(goals, [("target", "target"), ("value", "measured"),
-                                                 ("limit", "target"), ("met", "met")]),
+          "## Targets\n", common.targets_table(goals),
           "\n## Speed-ups (Transformer tokens/s ÷ RNN tokens/s)\n",
-          markdown_table(speedups, [("budget", "budget"), ("seq_len", "T"), ("batch", "B"),
-                                    ("mode", "mode"), ("versus", "vs"),
-                                    ("speedup", "speed-up")]),
-          "\n## All measurements\n", markdown_table(records, cols)]
-    out = write_results("transformer_vs_rnn", dict(machine, records=records, speedups=speedups,
-                                                   targets=goals, quick=args.quick),
-                        "\n".join(md), args.out)
+          common.markdown_table(speedups, [("budget", "budget"), ("seq_len", "T"),
+                                           ("batch", "B"), ("mode", "mode"), ("versus", "vs"),
+                                           ("speedup", "speed-up")]),
+          "\n## All measurements\n", common.markdown_table(records, cols)]
+    out = common.write_results(
+        "transformer_vs_rnn", dict(machine, records=records, speedups=speedups, targets=goals,
+                                   quick=args.quick),
+        "\n".join(md), args.out)
     plot(records, speedups, out)
-    for g in goals:
-        value = "n/a" if g["value"] is None else f"{g['value']:.2f}×"
-        print(f"{g['target']}: {value} (target {g['limit']})")
+    common.print_targets(goals, lambda v: f"{v:.2f}×")
     print(f"wrote {out}/results.json, results.md, transformer_vs_rnn.png")
     return 0
 

@@ -2,7 +2,7 @@
 
 XLA reads the device count once, when JAX initialises its backend, so this runs before any test
 module imports jax. Eight fake devices cover the 1/2/4/8-device data-parallel and mesh paths
-without a GPU (DESIGN.md: fake devices are for correctness, not speed).
+without a GPU. Fake devices share the machine's cores: they are for correctness, not speed.
 """
 
 import os

@@ -41,10 +41,11 @@ def write_seq2seq_run(out, task_name="reverse", seeds=(0, 1)):
     import dataclasses
     import json
 
-    from transformer_jax import seq2seq, training
-    from transformer_jax.checkpoint import Checkpointer
-    from transformer_jax.model import Transformer
-    from transformer_jax.seq2seq_tasks import get_task
+    from transformer_jax import train as training
+    from transformer_jax.data.seq2seq_tasks import get_task
+    from transformer_jax.models.transformer import Transformer
+    from transformer_jax.runs.checkpoint import Checkpointer
+    from transformer_jax.train import seq2seq
 
     task = get_task(task_name)
     cfg = dataclasses.replace(TINY, vocab_size=task.vocab_size, num_encoder_layers=1,
@@ -56,6 +57,8 @@ def write_seq2seq_run(out, task_name="reverse", seeds=(0, 1)):
     lengths = (task.src_len, task.max_tgt_len + 1)
     with Checkpointer(out / "checkpoints") as ckpt:
         for i, seed in enumerate(seeds):
-            ckpt.save(10 * (i + 1), training.init_state(model, tx, seed=seed,
-                                                        input_lengths=lengths))
+            step = 10 * (i + 1)  # the metadata the training loop writes with each checkpoint
+            meta = {"step": step, "model": cfg.to_dict(), "train": tc.to_dict()}
+            ckpt.save(step, training.init_state(model, tx, seed=seed, input_lengths=lengths),
+                      meta)
     return cfg, tc

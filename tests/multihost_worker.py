@@ -1,4 +1,4 @@
-"""One process of the two-process CPU run in tests/test_sharding.py (also its shared configs).
+"""One process of the two-process CPU run in tests/parallel/test_sharding.py (and its configs).
 
 ``python tests/multihost_worker.py HOST:PORT PROCESS_ID OUT DATA_FILE`` joins the other process,
 trains the sharded run to step 2 (stopping as if SIGTERM had come: a checkpoint of the global,
@@ -21,7 +21,7 @@ def train_config(out, data_file, **overrides) -> TrainConfig:
     """The run both processes make; the test makes it again on one device."""
     settings = {"out": str(out), "data": (str(data_file),), "steps": 4, "batch_size": 8,
                 "seq_len": 16, "warmup": 1, "lr": 3e-3,
-                "eps": 1e-4,  # see _setup in tests/test_sharding.py
+                "eps": 1e-4,  # see _setup in tests/parallel/test_sharding.py
                 "steps_per_call": 1, "log_every": 1, "eval_every": 4, "ckpt_every": 2,
                 "eval_batch_size": 256, "parallel": "sharded",
                 "mesh": "fsdp=4",  # FSDP across both processes: each host holds half
@@ -30,11 +30,12 @@ def train_config(out, data_file, **overrides) -> TrainConfig:
 
 
 def main(coordinator: str, process_id: str, out: str, data_file: str) -> None:
-    from transformer_jax import distributed
+    from transformer_jax.parallel import distributed
 
     distributed.initialize(coordinator, NUM_PROCESSES, int(process_id))
 
-    from transformer_jax import loop, metrics
+    from transformer_jax.runs import metrics
+    from transformer_jax.train import loop
 
     metrics.peak_flops = lambda devices: (1e9, "test")  # skip the CPU matmul probe
     tc = train_config(out, data_file)

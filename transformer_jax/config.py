@@ -1,9 +1,12 @@
-"""Model configuration: a frozen, keyword-only dataclass and named presets.
+"""Configuration: the model and training dataclasses, named presets, and the ``--mesh`` syntax.
 
 Variants are made with :func:`dataclasses.replace`, e.g.
 ``dataclasses.replace(PRESETS["paper-base"], vocab_size=37000, dtype="bfloat16")``.
 Every field is a plain Python value (dtypes are strings) so a config round-trips through JSON
-with :meth:`ModelConfig.to_dict` / :meth:`ModelConfig.from_dict`.
+with :meth:`ModelConfig.to_dict` / :meth:`ModelConfig.from_dict`. This module is the bottom
+of the package: every other module may import it, and it imports nothing of the package and
+no JAX sharding (the mesh syntax is parsed here; the mesh is built in
+:mod:`transformer_jax.parallel.sharding`).
 """
 
 from __future__ import annotations
@@ -14,14 +17,13 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
-__all__ = ["PRESETS", "ModelConfig"]
+__all__ = ["AXES", "PRESETS", "ModelConfig", "TrainConfig", "mesh_axes"]
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 Norm = Literal["post", "pre"]
 Positions = Literal["sinusoidal", "learned"]
 Activation = Literal["relu", "gelu"]
 AttentionImpl = Literal["auto", "exact", "blockwise"]
-ModelKind = Literal["encoder_decoder", "lm"]
 
 def _from_dict(cls, d: dict[str, Any]):
     """``cls(**d)`` for a config dataclass, naming any keys that are not its fields."""
@@ -43,8 +45,8 @@ _CHOICES = {  # field -> allowed values, checked once in __post_init__
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Hyper-parameters of the encoder–decoder :class:`~transformer_jax.model.Transformer` and
-    the decoder-only :class:`~transformer_jax.model.TransformerLM`.
+    """Hyper-parameters of the encoder–decoder :class:`~transformer_jax.models.Transformer` and
+    the decoder-only :class:`~transformer_jax.models.TransformerLM`.
 
     Attributes:
       vocab_size: V, one vocabulary shared by source and target (§3.4, §5.1: shared BPE).
@@ -148,33 +150,6 @@ class ModelConfig:
         """The jnp dtype of :attr:`param_dtype`."""
         return jnp.dtype(self.param_dtype)
 
-    def num_params(self, kind: ModelKind = "encoder_decoder") -> int:
-        """Exact parameter count of our Flax model of this config (no allocation).
-
-        Args:
-          kind: "encoder_decoder" (:class:`Transformer`) or "lm" (:class:`TransformerLM`).
-        """
-        D, F, V, H = self.d_model, self.d_ff, self.vocab_size, self.head_dim
-        q = D * self.num_heads * H + self.num_heads * H
-        kv = 2 * (D * self.num_kv_heads * H + self.num_kv_heads * H)
-        attn = q + kv + self.num_heads * H * D + D
-        ffn = D * F + F + F * D + D
-        ln = 2 * D
-        enc_layer = attn + ffn + 2 * ln
-        dec_layer = 2 * attn + ffn + 3 * ln
-        final_ln = ln if self.norm == "pre" else 0  # pre-LN ends each stack with a LayerNorm
-        pos = self.max_len * D if self.positions == "learned" else 0
-        if kind == "lm":
-            embed = V * D + (0 if self.share_embeddings else D * V + V)
-            # An LM block is an encoder block: causal self-attention and a feed-forward network.
-            return embed + pos + self.num_decoder_layers * enc_layer + final_ln
-        if kind != "encoder_decoder":
-            raise ValueError(f"kind must be 'encoder_decoder' or 'lm', got {kind!r}")
-        # Unshared: separate source and target embeddings plus an output projection with bias.
-        embed = V * D if self.share_embeddings else 2 * V * D + D * V + V
-        return (embed + pos + self.num_encoder_layers * enc_layer
-                + self.num_decoder_layers * dec_layer + 2 * final_ln)
-
     # ---- serialisation ------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -206,8 +181,8 @@ PRESETS: dict[str, ModelConfig] = {
         num_decoder_layers=12, d_ff=3072, dropout_rate=0.1, max_len=1024, norm="pre",
         positions="learned", activation="gelu", share_embeddings=True,
     ),
-    # The default training run (python train.py: 1600 steps of 12 × 64 bytes, val ≈ 1.25
-    # nats/byte in ~2.5 minutes on 2 quiet CPU cores): a byte-level (V=256) pre-LN LM.
+    # The default training run (python train.py, with TrainConfig's defaults): a byte-level
+    # (V=256) pre-LN LM sized for a few minutes on a 2-core CPU.
     "cpu-lm": ModelConfig(
         vocab_size=256, d_model=192, num_heads=6, num_encoder_layers=0,
         num_decoder_layers=4, d_ff=768, dropout_rate=0.0, max_len=256, norm="pre",
@@ -228,9 +203,38 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-# ---- training -----------------------------------------------------------------------------
+# ---- the device mesh (--mesh) ---------------------------------------------------------------
 
-__all__ += ["TrainConfig"]
+DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
+AXES = (DATA, FSDP, TENSOR)
+"""Mesh axis names, outermost first (data parallelism crosses hosts best: it talks least)."""
+
+
+def mesh_axes(spec: str) -> dict[str, int]:
+    """The syntax of ``--mesh``: ``"data=2,fsdp=-1"`` -> ``{"data": 2, "fsdp": -1}``.
+
+    Raises:
+      ValueError: an unknown or repeated axis, a size that is not a positive integer (or -1,
+        once); the message names ``--mesh``.
+    """
+    sizes: dict[str, int] = {}
+    for part in spec.split(","):
+        name, sep, value = (s.strip() for s in part.partition("="))
+        if not sep or name not in AXES or name in sizes:
+            raise ValueError(f"--mesh {spec!r}: expected comma-separated AXIS=SIZE, each AXIS "
+                             f"once, from {', '.join(AXES)}; got {part.strip()!r}")
+        try:
+            size = int(value)
+        except ValueError:
+            size = 0
+        if size < 1 and not (size == -1 and -1 not in sizes.values()):
+            raise ValueError(f"--mesh {spec!r}: the size of {name} must be a positive integer "
+                             f"(or -1 once, for the remaining devices), got {value!r}")
+        sizes[name] = size
+    return sizes
+
+
+# ---- training -----------------------------------------------------------------------------
 
 ModelName = Literal["transformer", "lstm", "gru"]
 Optimizer = Literal["adamw", "adam"]
@@ -249,21 +253,19 @@ _TRAIN_CHOICES = {
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Settings of a language-model training run (:func:`transformer_jax.loop.run`).
+    """Settings of a language-model training run (:func:`transformer_jax.train.loop.run`).
 
     The defaults are the ``python train.py`` run (with the "cpu-lm" model preset, 4 × 192): a
-    byte-level LM on the embedded corpus, 1600 steps of 12 × 64 bytes (~14 TFLOP), which
-    reaches a validation loss of about 1.25 nats/byte in about 2.5 minutes on 2 quiet CPU cores.
-    At this budget short contexts train fastest: with 4 × 256 bytes per step, 4 × 128, 6 × 128
-    and 4 × 192 models were still at 2.06–2.15 nats/byte after 8 TFLOP; 4 × 128 with 8 × 128
-    bytes per step reached 1.27 after 14 TFLOP.
+    byte-level LM on the embedded corpus, 1600 steps of 12 × 64 bytes (~14 TFLOP), sized to
+    train in a few minutes on a 2-core CPU. Short contexts are the better use of such a small
+    budget (the README's "Default run" section has the measurements).
 
     Attributes:
       task: "lm" (byte-level language modelling on ``data``) or a sequence-to-sequence task
-        of :mod:`transformer_jax.seq2seq_tasks` ("translate", "reverse", "sort", "add") for the
+        of :mod:`transformer_jax.data.seq2seq_tasks` ("translate", "reverse", "sort", "add") for the
         encoder–decoder; those ignore ``data``, ``seq_len`` and the sample settings.
-      model: model family: "transformer" (:class:`~transformer_jax.model.TransformerLM`), or
-        the recurrent baselines "lstm" / "gru" (:mod:`transformer_jax.rnn`).
+      model: model family: "transformer" (:class:`~transformer_jax.models.TransformerLM`), or
+        the recurrent baselines "lstm" / "gru" (:mod:`transformer_jax.models.rnn`).
       data: text files or folders; empty means the embedded corpus (``pydoc_data.topics``).
       val_fraction: share of each file's bytes (its end) held out for validation.
       out: the run directory (config, metrics, checkpoints, samples); re-using it resumes.
@@ -295,8 +297,8 @@ class TrainConfig:
         intervals above are multiples of it.
       parallel: "auto" (pmap over all local devices when there is more than one, else jit;
         "sharded" with a ``mesh`` or several processes), "pmap", "sharded" (jit on a device
-        mesh, state sharded by :data:`transformer_jax.sharding.PARAM_RULES`), "shard_map" (data-parallel
-        step on the mesh), or "none" (jit on one device).
+        mesh, state sharded by :data:`transformer_jax.parallel.sharding.PARAM_RULES`),
+        "shard_map" (data-parallel step on the mesh), or "none" (jit on one device).
       mesh: axis sizes of the device mesh for "sharded"/"shard_map", e.g.
         "data=2,fsdp=2,tensor=1" (axes left out are 1; -1 takes the remaining devices); ""
         means data parallelism over all devices.
@@ -366,8 +368,6 @@ class TrainConfig:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by "
                              f"grad_accum={self.grad_accum}")
         if self.mesh:
-            from transformer_jax.sharding import mesh_axes
-
             mesh_axes(self.mesh)  # the syntax; the sizes are checked against the devices later
         if self.schedule == "paper" and self.warmup == 0:
             raise ValueError("the paper schedule needs warmup > 0 (§5.3 uses 4000)")

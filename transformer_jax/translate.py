@@ -1,88 +1,10 @@
-"""Translate with a trained run: ``python -m transformer_jax.translate --run DIR "source sentence"``.
+"""``python -m transformer_jax.translate``: runs :mod:`transformer_jax.cli.translate`."""
 
-Reads ``DIR/config.json`` of a ``train.py --task ...`` run, restores its newest checkpoint (or
-the mean of the last ``--average-last`` ones, §6.1) and decodes each sentence with beam search
-(beam 4, α = 0.6, §6.1) or ``--greedy``. Words are separated by spaces, as the task writes them
-(``"3 4 + 1 9"`` for addition). A missing run, a language-model run, or a word outside the task's
-vocabulary gives one line on stderr and exit status 2.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from collections.abc import Sequence
 
-import numpy as np
-
-__all__ = ["main", "translate"]
-
-
-def translate(run, sentences: Sequence[str], *, beam_size: int = 4, alpha: float = 0.6,
-              greedy: bool = False) -> list[str]:
-    """Translate ``sentences`` with a :class:`~transformer_jax.seq2seq.LoadedRun`.
-
-    Raises:
-      ValueError: an empty sentence, one too long for the task, or a word outside its vocabulary.
-    """
-    from transformer_jax import decoding
-
-    task = run.task
-    words = [s.lower().split() for s in sentences]
-    for w, s in zip(words, sentences):
-        if not w:
-            raise ValueError(f"empty source sentence {s!r}")
-    src = task.source_ids(words)
-    max_len = task.max_tgt_len + 1
-    if greedy:
-        out = decoding.greedy_decode(run.model, run.params, src, max_len=max_len)
-    else:
-        out = decoding.beam_search(run.model, run.params, src, beam_size=beam_size, alpha=alpha,
-                                   max_len=max_len)[0]
-    return [" ".join(task.decode(row)) for row in np.asarray(out)]
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m transformer_jax.translate",
-        description="Translate sentences with the latest checkpoint of a seq2seq training run.")
-    p.add_argument("sentences", nargs="+", metavar="SENTENCE", help="source sentence(s)")
-    p.add_argument("--run", required=True, metavar="DIR", help="the run directory (train.py --out)")
-    p.add_argument("--average-last", type=int, default=1, metavar="N",
-                   help="average the parameters of the last N checkpoints (default: 1)")
-    p.add_argument("--beam-size", type=int, default=4, metavar="W",
-                   help="beam width (default: %(default)s, §6.1)")
-    p.add_argument("--alpha", type=float, default=0.6,
-                   help="length penalty exponent (default: %(default)s, §6.1)")
-    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of beam search")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.average_last < 1:
-        parser.error(f"--average-last must be >= 1, got {args.average_last}")
-    if args.beam_size < 1:
-        parser.error(f"--beam-size must be >= 1, got {args.beam_size}")
-    from transformer_jax.checkpoint import CheckpointError
-    from transformer_jax.seq2seq import load_run
-
-    try:
-        run = load_run(args.run, average_last=args.average_last)
-        outputs = translate(run, args.sentences, beam_size=args.beam_size, alpha=args.alpha,
-                            greedy=args.greedy)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        parser.error(str(e))
-    steps = run.steps
-    print(f"[{args.run}: {run.task.name}, step {steps[-1]}"
-          + (f", averaged over {len(steps)} checkpoints" if len(steps) > 1 else "") + "]",
-          file=sys.stderr)
-    for text in outputs:
-        print(text)
-    return 0
-
+from transformer_jax.cli.common import plain_warnings
+from transformer_jax.cli.translate import main
 
 if __name__ == "__main__":
+    plain_warnings("python -m transformer_jax.translate")
     sys.exit(main())

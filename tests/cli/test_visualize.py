@@ -1,0 +1,151 @@
+"""``python -m transformer_jax.visualize``: each command writes a real PNG; bad input exits 2."""
+
+import dataclasses
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from transformer_jax.cli import visualize
+from transformer_jax.config import PRESETS, TrainConfig
+from transformer_jax.runs.load import load_run
+from transformer_jax.train import loop
+
+
+def png_size(path):
+    """(width, height) from the PNG header; fails unless the file is a PNG."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    """A tiny LM trained for a few steps on the embedded corpus (in-process, one device)."""
+    out = tmp_path_factory.mktemp("viz") / "run"
+    cfg = dataclasses.replace(PRESETS["tiny"], num_decoder_layers=2, num_heads=2)
+    tc = TrainConfig(out=str(out), steps=6, batch_size=4, seq_len=32, log_every=2,
+                     eval_every=6, ckpt_every=6, steps_per_call=2, sample_tokens=0,
+                     parallel="none")
+    loop.run(cfg, tc, progress=False, log=lambda _: None)
+    return out
+
+
+def test_attention_one_head_and_grid(lm_run, tmp_path):
+    text = "def f(x): return x"
+    one, grid = tmp_path / "one.png", tmp_path / "grid.png"
+    assert visualize.main(["attention", "--run", str(lm_run), "--text", text, "--layer", "1",
+                           "--head", "0", "--out", str(one)]) == 0
+    assert visualize.main(["attention", "--run", str(lm_run), "--text", text,
+                           "--out", str(grid)]) == 0
+    w1, h1 = png_size(one)
+    w2, _ = png_size(grid)
+    assert 300 < w1 < 2000 and 300 < h1 < 2000
+    assert w2 > 1.5 * w1  # two heads side by side
+
+
+def test_attention_maps_are_causal_probabilities(lm_run):
+    run = load_run(lm_run)
+    ids = np.frombuffer(b"hello world", np.uint8).astype(np.int32)[None]
+    maps = visualize.attention_maps(run.model, run.params, ids)
+    assert list(maps) == ["layer_0/self_attention", "layer_1/self_attention"]
+    probs = maps["layer_0/self_attention"]
+    assert probs.shape == (2, 11, 11)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert np.triu(probs, k=1).max() == 0.0  # nothing attends to the future
+
+
+def test_curves_overlay_runs(lm_run, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    lines = [{"step": s, "loss": 5.0 - s, "lr": 1e-3, "tokens_per_s": 100.0, "mfu": 0.1,
+              "time_s": float(s)} for s in (1, 2, 3)]
+    lines.append({"step": 3, "loss": 2.0, "val_loss": 2.5, "val_bpb": 3.6, "lr": 1e-3,
+                  "tokens_per_s": 100.0, "mfu": 0.1, "time_s": 3.5})
+    (other / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = tmp_path / "curves.png"
+    assert visualize.main(["curves", str(lm_run), str(other), "--out", str(out)]) == 0
+    assert png_size(out) == (1600, 850)
+
+
+def test_positions(tmp_path):
+    out = tmp_path / "pos.png"
+    assert visualize.main(["positions", "--d-model", "64", "--max-len", "50",
+                           "--out", str(out)]) == 0
+    assert png_size(out) == (1300, 500)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["attention", "--run", "{missing}", "--text", "x", "--out", "{out}"], "not a run directory"),
+    (["attention", "--run", "{run}", "--text", "x" * 65, "--out", "{out}"], "65 tokens"),
+    (["attention", "--run", "{run}", "--text", "x", "--layer", "7", "--out", "{out}"],
+     "--layer 7 out of range"),
+    (["attention", "--run", "{run}", "--text", "x", "--head", "5", "--out", "{out}"],
+     "--head 5 out of range"),
+    (["attention", "--run", "{run}", "--out", "{out}"], "--text is required"),
+    (["curves", "{missing}", "--out", "{out}"], "no metrics.jsonl"),
+    (["positions", "--d-model", "5", "--out", "{out}"], "positive even"),
+    (["positions", "--out", "{missing}/x.png"], "does not exist"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, message, lm_run, tmp_path, capsys):
+    fill = {"missing": str(tmp_path / "nope"), "run": str(lm_run), "out": str(tmp_path / "o.png")}
+    assert visualize.main([a.format(**fill) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o.png").exists()
+
+
+# ---- the encoder–decoder: encoder self-, decoder self- and cross-attention ------------------
+
+
+@pytest.fixture(scope="module")
+def seq2seq_run(tmp_path_factory):
+    """A reversal run directory with an untrained tiny encoder–decoder (1 + 1 layers, 2 heads)."""
+    from model_helpers import write_seq2seq_run
+
+    out = tmp_path_factory.mktemp("viz") / "s2s"
+    write_seq2seq_run(out, "reverse", seeds=(0,))
+    return out
+
+
+def test_encoder_decoder_maps_have_the_right_axes(seq2seq_run):
+    run = load_run(seq2seq_run)
+    src = np.asarray([[3, 4, 5, 2]], np.int32)  # "a b c <eos>"
+    tgt = np.asarray([[1, 5, 4]], np.int32)  # "<bos> c b"
+    maps = visualize.attention_maps(run.model, run.params, src, tgt)
+    assert list(maps) == ["decoder_0/cross_attention", "decoder_0/self_attention",
+                          "encoder_0/self_attention"]
+    assert maps["encoder_0/self_attention"].shape == (2, 4, 4)
+    assert maps["decoder_0/self_attention"].shape == (2, 3, 3)
+    assert maps["decoder_0/cross_attention"].shape == (2, 3, 4)
+    for probs in maps.values():
+        np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert np.triu(maps["decoder_0/self_attention"], k=1).max() == 0.0
+
+
+@pytest.mark.parametrize("extra", [["--tgt", "e d c", "--kind", "encoder", "--head", "1"],
+                                   ["--tgt", "e d c", "--kind", "decoder"],
+                                   []])  # cross-attention to the model's own translation
+def test_encoder_decoder_attention_pngs(seq2seq_run, tmp_path, extra):
+    out = tmp_path / "attention.png"
+    assert visualize.main(["attention", "--run", str(seq2seq_run), "--src", "a b c d e",
+                           *extra, "--out", str(out)]) == 0
+    w, h = png_size(out)
+    assert 300 < w < 2000 and 300 < h < 2000
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--text", "x"], "pass --src"),
+    (["--src", "a zebra"], "'zebra'"),
+    (["--src", "a b", "--tgt", "a " * 17], "at most 16"),
+    (["--src", "a b", "--tgt", "a", "--layer", "1"], "--layer 1 out of range"),
+    (["--src", "a b", "--tgt", "a", "--head", "2"], "--head 2 out of range"),
+])
+def test_encoder_decoder_bad_arguments_exit_2(seq2seq_run, tmp_path, capsys, args, message):
+    out = tmp_path / "o.png"
+    assert visualize.main(["attention", "--run", str(seq2seq_run), *args,
+                           "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()

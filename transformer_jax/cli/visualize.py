@@ -1,0 +1,321 @@
+"""Look inside: attention heatmaps, training curves and the sinusoidal position encoding.
+
+    python -m transformer_jax.visualize attention --run DIR --text "..." [--layer L] [--head H] --out F.png
+    python -m transformer_jax.visualize attention --run DIR --src "..." [--tgt "..."]
+        [--kind encoder|decoder|cross] [--layer L] [--head H] --out F.png
+    python -m transformer_jax.visualize curves RUN_DIR [RUN_DIR ...] --out F.png
+    python -m transformer_jax.visualize positions --d-model D --max-len T --out F.png
+
+``attention`` loads the newest checkpoint of a run and plots softmax(QKᵀ/√d_k) for one head
+(``--head``) or all heads of a layer as a grid; tokens label the axes (query rows, key
+columns). For an encoder–decoder run (``train.py --task ...``), ``--src``/``--tgt`` give the
+sentence pair (``--tgt`` defaults to the model's own beam-search translation) and ``--kind``
+picks encoder self-, decoder self- or cross-attention (the default); ``--layer`` counts layers
+of that kind. Errors exit with status 2 and one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from transformer_jax import decoding
+from transformer_jax.cli import common as cli
+from transformer_jax.data import ByteTokenizer
+from transformer_jax.data.seq2seq_tasks import BOS
+from transformer_jax.models import sinusoidal_positions
+from transformer_jax.runs.checkpoint import CheckpointError
+from transformer_jax.runs.load import LoadedRun, load_run
+from transformer_jax.runs.metrics import read_jsonl
+
+__all__ = ["attention_maps", "main", "plot_attention", "plot_curves", "plot_positions"]
+
+# Readable glyphs for bytes that would otherwise be invisible on an axis.
+_GLYPHS = {" ": "␣", "\n": "⏎", "\t": "⇥"}
+_MAX_TOKENS = 64  # beyond this the labels of a heatmap are unreadable
+
+
+class VisualizeError(ValueError):
+    """A bad argument: reported as one line, exit status 2."""
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _labels(tokenizer, ids) -> list[str]:
+    out = []
+    for i in np.asarray(ids).tolist():
+        text = tokenizer.decode(np.asarray([i]))
+        out.append(_GLYPHS.get(text, text if text.isprintable() and text else f"\\x{i:02x}"))
+    return out
+
+
+def attention_maps(model, params, *args) -> dict[str, np.ndarray]:
+    """Every attention layer's probabilities for one forward pass.
+
+    Args:
+      model: a TransformerLM (``args = (tokens[1, T],)``) or Transformer
+        (``args = (src[1, S], tgt[1, T])``).
+      params: its parameters.
+
+    Returns:
+      ``{"layer_0/self_attention": [N, T, S], ...}`` as float32 NumPy arrays, in layer order.
+    """
+    _, state = model.apply({"params": params}, *args, mutable=["intermediates"])
+    maps = {}
+    flat = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+    for path, value in flat:
+        names = [str(p.key) for p in path if hasattr(p, "key")]  # sow stores a tuple: skip [0]
+        if "attention_weights" in names:
+            name = "/".join(n for n in names if n != "attention_weights")
+            maps[name] = np.asarray(value, np.float32)[0]
+    return dict(sorted(maps.items(), key=lambda kv: _layer_order(kv[0])))
+
+
+def _layer_order(name: str):
+    block, _, kind = name.partition("/")
+    prefix, _, index = block.rpartition("_")
+    return prefix, int(index) if index.isdigit() else 0, kind
+
+
+def plot_attention(probs: np.ndarray, rows: Sequence[str], cols: Sequence[str], out: Path, *,
+                   title: str, head: int | None = None) -> None:
+    """Heatmap(s) of probabilities [N, T, S]: one head, or a grid of all of them."""
+    plt = _pyplot()
+    heads = [head] if head is not None else list(range(probs.shape[0]))
+    ncols = min(4, len(heads))
+    nrows = math.ceil(len(heads) / ncols)
+    size = 2.2 + 0.13 * max(len(rows), len(cols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for ax in axes.flat[len(heads):]:
+        ax.axis("off")
+    fontsize = max(5, min(10, 400 // max(len(rows), len(cols), 1)))
+    for i, (ax, h) in enumerate(zip(axes.flat, heads)):
+        im = ax.imshow(probs[h], cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_title(f"head {h}", fontsize=10)
+        ax.set_xticks(range(len(cols)), cols, fontsize=fontsize, rotation=90)
+        ax.set_xlabel("key (attended to)", fontsize=8)
+        # Query labels on the first column only: the grid's rows share them, and labels of
+        # the next column would overlap the heatmap to their left.
+        ax.set_yticks(range(len(rows)), rows if i % ncols == 0 else [], fontsize=fontsize)
+        if i % ncols == 0:
+            ax.set_ylabel("query", fontsize=8)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="attention probability")
+    fig.suptitle(title)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_curves(run_dirs: Sequence[Path], out: Path) -> None:
+    """Loss, validation loss, learning rate and tokens/s vs step and wall time, runs overlaid."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    panels = [("loss", "training loss (nats/token)"), ("val_loss", "validation loss"),
+              ("lr", "learning rate")]
+    for i, run in enumerate(run_dirs):
+        records = read_jsonl(run / "metrics.jsonl")
+        label, color = run.name, f"C{i}"
+        for col, (key, title) in enumerate(panels):
+            pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if pts:
+                axes[0, col].plot(*zip(*pts), color=color, label=label, marker="." if
+                                  key == "val_loss" else None)
+            axes[0, col].set(title=title, xlabel="step")
+        timed = [(r["time_s"], r[k]) for r in records for k in ("loss",)
+                 if r.get("time_s") is not None and r.get(k) is not None]
+        if timed:
+            axes[1, 0].plot(*zip(*timed), color=color, label=label)
+        val_t = [(r["time_s"], r["val_loss"]) for r in records
+                 if r.get("time_s") is not None and r.get("val_loss") is not None]
+        if val_t:
+            axes[1, 1].plot(*zip(*val_t), color=color, marker=".", label=label)
+        tps = [(r["step"], r["tokens_per_s"]) for r in records if r.get("tokens_per_s")]
+        if tps:
+            axes[1, 2].plot(*zip(*tps), color=color, label=label)
+    axes[1, 0].set(title="training loss vs wall time", xlabel="seconds")
+    axes[1, 1].set(title="validation loss vs wall time", xlabel="seconds")
+    axes[1, 2].set(title="throughput (tokens/s)", xlabel="step")
+    for ax in axes.flat:
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_positions(d_model: int, max_len: int, out: Path) -> None:
+    """The §3.5 encoding PE[pos, i] and the similarity PE·PEᵀ between positions."""
+    plt = _pyplot()
+    pe = sinusoidal_positions(max_len, d_model)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    im = axes[0].imshow(pe, cmap="RdBu", aspect="auto", vmin=-1, vmax=1)
+    axes[0].set(title=f"PE(pos, i), d_model = {d_model}", xlabel="dimension i",
+                ylabel="position")
+    fig.colorbar(im, ax=axes[0])
+    sim = pe @ pe.T / (d_model / 2)  # each position's vector has squared norm d_model / 2
+    im = axes[1].imshow(sim, cmap="viridis", aspect="auto")
+    axes[1].set(title="PE(p)·PE(q) / (d/2): depends on p − q only", xlabel="position q",
+                ylabel="position p")
+    fig.colorbar(im, ax=axes[1])
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+# --kind -> (block name prefix, attention module, title).
+_KINDS = {"encoder": ("encoder", "self_attention", "encoder self-attention"),
+          "decoder": ("decoder", "self_attention", "decoder self-attention"),
+          "cross": ("decoder", "cross_attention", "cross-attention")}
+
+
+def _seq2seq_attention(args, loaded: LoadedRun) -> None:
+    """Encoder self-, decoder self- or cross-attention of an encoder–decoder run."""
+    if args.src is None:
+        raise VisualizeError("--run holds an encoder-decoder; pass --src (and optionally --tgt)")
+    if args.text is not None:
+        raise VisualizeError("--text is for language-model runs; use --src/--tgt")
+    if not args.src.split():
+        raise VisualizeError("--src is empty")
+    task = loaded.task
+    try:
+        src_ids = task.source_ids([args.src.lower().split()])
+        if args.tgt is not None:
+            tgt_words = args.tgt.lower().split()
+        else:  # the model's own translation (an unfinished one cut to the longest target)
+            translation = decoding.translate(loaded.model, loaded.params, task, [args.src])[0]
+            tgt_words = translation.split()[:task.max_tgt_len]
+        if len(tgt_words) > task.max_tgt_len:
+            raise ValueError(f"--tgt has {len(tgt_words)} words; the {task.name} task allows "
+                             f"at most {task.max_tgt_len}")
+        tgt_ids = np.asarray([[BOS, *task.encode(tgt_words)]], np.int32)
+    except ValueError as e:
+        raise VisualizeError(str(e)) from None
+    src_ids = src_ids[:, :int((src_ids != 0).sum())]  # words and <eos>, no padding
+    maps = attention_maps(loaded.model, loaded.params, src_ids, tgt_ids)
+    kind = args.kind or "cross"
+    block, module, title = _KINDS[kind]
+    names = [n for n in maps if n.startswith(block + "_") and n.endswith("/" + module)]
+    probs = _pick(maps, names, args)
+    src_labels = [task.vocab[i] for i in src_ids[0]]
+    tgt_labels = [task.vocab[i] for i in tgt_ids[0]]
+    rows = src_labels if block == "encoder" else tgt_labels
+    cols = tgt_labels if kind == "decoder" else src_labels
+    plot_attention(probs, rows, cols, Path(args.out), head=args.head,
+                   title=f"{loaded.run_dir.name} step {loaded.step}: {title}, layer {args.layer}")
+
+
+def _pick(maps: dict[str, np.ndarray], names: list[str], args) -> np.ndarray:
+    """The probabilities of layer ``args.layer`` among ``names``; checks --layer and --head."""
+    if not 0 <= args.layer < len(names):
+        raise VisualizeError(f"--layer {args.layer} out of range: the model has {len(names)} "
+                             f"such attention layers (0 to {len(names) - 1})")
+    probs = maps[names[args.layer]]
+    if args.head is not None and not 0 <= args.head < probs.shape[0]:
+        raise VisualizeError(f"--head {args.head} out of range: layer {args.layer} has "
+                             f"{probs.shape[0]} heads (0 to {probs.shape[0] - 1})")
+    return probs
+
+
+def _attention_command(args) -> str:
+    run = Path(args.run)
+    if not (run / "config.json").is_file():
+        raise VisualizeError(f"--run {run}: not a run directory (no config.json)")
+    try:
+        loaded = load_run(run)
+    except CheckpointError as e:
+        raise VisualizeError(str(e)) from None
+    if loaded.task is not None:
+        _seq2seq_attention(args, loaded)
+        return args.out
+    if args.src is not None or args.tgt is not None or args.kind is not None:
+        raise VisualizeError("--src, --tgt and --kind are for encoder-decoder runs "
+                             "(train.py --task ...); use --text")
+    if loaded.train_cfg.model != "transformer":
+        raise VisualizeError(f"--run holds a {type(loaded.model).__name__}, which has no "
+                             "attention")
+    if args.text is None:
+        raise VisualizeError("--text is required for a language-model run")
+    tok, cfg = ByteTokenizer(), loaded.model_cfg
+    ids = tok.encode(args.text)
+    if not 1 <= len(ids) <= min(cfg.max_len, _MAX_TOKENS):
+        raise VisualizeError(f"--text is {len(ids)} tokens; it must be 1 to "
+                             f"{min(cfg.max_len, _MAX_TOKENS)} (max_len={cfg.max_len})")
+    maps = attention_maps(loaded.model, loaded.params, ids[None].astype(np.int32))
+    names = list(maps)
+    probs = _pick(maps, names, args)
+    labels = _labels(tok, ids)
+    plot_attention(probs, labels, labels, Path(args.out), head=args.head,
+                   title=f"{run.name} step {loaded.step}: {names[args.layer]}")
+    return args.out
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(prog="python -m transformer_jax.visualize",
+                                     description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("attention", help="attention heatmaps from a trained checkpoint")
+    a.add_argument("--run", required=True, help="run directory (as written by train.py)")
+    a.add_argument("--text", help="input text (language-model runs), at most 64 tokens")
+    a.add_argument("--src", help="source sentence (encoder-decoder runs)")
+    a.add_argument("--tgt", help="target sentence (encoder-decoder runs; default: the "
+                                 "model's beam-search translation of --src)")
+    a.add_argument("--kind", choices=sorted(_KINDS), default=None,
+                   help="encoder-decoder runs: encoder self-, decoder self- or cross-attention "
+                        "(default: cross)")
+    a.add_argument("--layer", type=int, default=0,
+                   help="attention layer index (of that --kind for encoder-decoders; default 0)")
+    a.add_argument("--head", type=int, default=None, help="one head (default: all, as a grid)")
+    a.add_argument("--out", required=True, help="PNG file to write")
+    c = sub.add_parser("curves", help="training curves of one or more runs, overlaid")
+    c.add_argument("runs", nargs="+", help="run directories")
+    c.add_argument("--out", required=True, help="PNG file to write")
+    p = sub.add_parser("positions", help="the sinusoidal position encoding (§3.5)")
+    p.add_argument("--d-model", type=int, default=128, help="model width (even)")
+    p.add_argument("--max-len", type=int, default=256, help="positions to show")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        out = Path(args.out)
+        if not out.parent.is_dir():
+            raise VisualizeError(f"--out {out}: directory {out.parent} does not exist")
+        if args.command == "attention":
+            _attention_command(args)
+        elif args.command == "curves":
+            runs = [Path(r) for r in args.runs]
+            missing = [str(r) for r in runs if not (r / "metrics.jsonl").is_file()]
+            if missing:
+                raise VisualizeError(f"no metrics.jsonl in: {', '.join(missing)}")
+            plot_curves(runs, out)
+        else:
+            if args.d_model < 2 or args.d_model % 2 or args.max_len < 1:
+                raise VisualizeError("--d-model must be a positive even number and --max-len "
+                                     f"positive, got {args.d_model} and {args.max_len}")
+            plot_positions(args.d_model, args.max_len, out)
+    except (VisualizeError, ValueError, OSError, CheckpointError) as e:
+        # A bad run directory is a ValueError; truncated or foreign checkpoints CheckpointError.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.plain_warnings("python -m transformer_jax.visualize")
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""What a training run reports: JSONL + TensorBoard writers, the peak FLOP/s for MFU, the loss plot.
+
+* :class:`MetricsWriter` appends one JSON object per event to ``metrics.jsonl`` (always) and the
+  same scalars to TensorBoard event files through ``tensorboardX`` (which, unlike
+  ``clu.metric_writers`` and ``flax.metrics.tensorboard``, never imports TensorFlow).
+* :func:`peak_flops`: the device's peak. Accelerators from :data:`PEAK_FLOPS` (dense bf16
+  numbers from the vendors' data sheets); on a CPU, a large float32 matmul measured once
+  (:func:`cpu_matmul_probe`): the honest "peak" of a CPU, whose vendor figure no float32
+  matmul reaches. MFU divides the model FLOPs of
+  :mod:`transformer_jax.models.accounting` by this peak.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+
+__all__ = [
+    "METRIC_KEYS",
+    "PEAK_FLOPS",
+    "MetricsWriter",
+    "cpu_matmul_probe",
+    "peak_flops",
+    "plot_loss",
+    "read_jsonl",
+]
+
+METRIC_KEYS = ("step", "loss", "lr", "tokens_per_s", "mfu")
+"""Keys of every ``metrics.jsonl`` line; evaluation lines add ``val_loss`` and ``val_bpb``."""
+
+# (substring of jax's device_kind, lower-cased; peak dense bf16 FLOP/s per chip; name).
+# Ordered: the first match wins, so the more specific names come first.
+PEAK_FLOPS: tuple[tuple[str, float, str], ...] = (
+    ("tpu v6 lite", 918e12, "TPU v6e (Trillium)"),
+    ("tpu v6e", 918e12, "TPU v6e (Trillium)"),
+    ("tpu v5 lite", 197e12, "TPU v5e"),
+    ("tpu v5e", 197e12, "TPU v5e"),
+    ("tpu v5p", 459e12, "TPU v5p"),
+    ("tpu v5", 459e12, "TPU v5p"),
+    ("tpu v4", 275e12, "TPU v4"),
+    ("tpu v3", 123e12, "TPU v3"),
+    ("b200", 2250e12, "NVIDIA B200"),
+    ("h200", 989e12, "NVIDIA H200"),
+    ("h100 pcie", 756e12, "NVIDIA H100 PCIe"),
+    ("h100", 989e12, "NVIDIA H100 SXM"),
+    ("a100", 312e12, "NVIDIA A100"),
+    ("l4", 121e12, "NVIDIA L4"),
+    ("v100", 125e12, "NVIDIA V100 (fp16 tensor cores)"),
+)
+
+
+@functools.cache
+def cpu_matmul_probe(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a jitted float32 ``[n, n] @ [n, n]`` on the default CPU device (median of runs).
+
+    Measured once per process (cached): on a shared machine the probe and the workload should
+    be measured close together, and the probe costs ~1 s.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    cpu = jax.local_devices(backend="cpu")[0]
+    a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32),
+                       cpu)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()  # compile + warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / float(np.median(times))
+
+
+def peak_flops(devices: Sequence[Any]) -> tuple[float, str]:
+    """Peak FLOP/s of ``devices`` together, and where the number comes from.
+
+    Accelerators: :data:`PEAK_FLOPS` per chip times the number of devices. CPU: one matmul probe
+    for the whole host (fake CPU devices share the same cores, so they are not multiplied).
+    Unknown accelerators return ``(nan, ...)``: MFU is then reported as NaN rather than guessed.
+    """
+    dev = devices[0]
+    if dev.platform == "cpu":
+        return cpu_matmul_probe(), "CPU float32 matmul probe (2048², median of 5)"
+    kind = str(getattr(dev, "device_kind", "")).lower()
+    for pattern, flops, name in PEAK_FLOPS:
+        if pattern in kind:
+            return flops * len(devices), f"{len(devices)} × {name} dense bf16 peak"
+    return math.nan, f"unknown device kind {kind!r}"
+
+
+def _clean(value: Any) -> Any:
+    """JSON-friendly scalar (numpy/jax scalars to Python; NaN/inf kept as floats)."""
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    return float(value)
+
+
+class MetricsWriter:
+    """Appends metric events to ``<out>/metrics.jsonl`` and TensorBoard event files.
+
+    Args:
+      out_dir: the run directory.
+      tensorboard: also write TensorBoard scalars (tensorboardX) under ``<out>/tensorboard``.
+      resume_step: when resuming from a checkpoint at this step, JSONL lines (and TensorBoard
+        points) from later steps — written by the interrupted run after its last checkpoint —
+        are dropped, so the log reads like one uninterrupted run.
+    """
+
+    def __init__(self, out_dir: str | Path, *, tensorboard: bool = True,
+                 resume_step: int | None = None):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        elif resume_step is None:
+            self.path.write_text("")
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"),
+                                     purge_step=None if resume_step is None else resume_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Write one event; ``record["step"]`` is the x axis."""
+        record = {k: _clean(v) for k, v in record.items()}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        """Flush and close both writers."""
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (blank or truncated last lines are skipped)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill mid-write
+    return records
+
+
+def plot_loss(records: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> None:
+    """Training loss and validation loss (nats per token) against step, saved as a PNG."""
+    # A bare Figure renders with Agg and leaves pyplot's global state (and backend) alone.
+    from matplotlib.figure import Figure
+
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats per token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)

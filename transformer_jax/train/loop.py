@@ -1,0 +1,354 @@
+"""The training loop: ``python train.py`` is :func:`run` with flags turned into configs.
+
+:func:`run` builds the :class:`~transformer_jax.train.workload.Workload` of
+``TrainConfig.task`` (:mod:`transformer_jax.train.tasks`) and hands it to :func:`train`, the
+generic loop, which knows nothing of the task.
+
+One run directory holds ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``,
+``samples.txt`` and ``loss.png``. Running again into the same directory resumes from the newest
+restorable checkpoint; because the batches of step ``s`` depend only on ``(seed, s)`` and the
+step boundaries of every compiled call are absolute multiples (of ``steps_per_call`` and of the
+log/eval/checkpoint intervals), a resumed run makes exactly the calls, and reaches exactly the
+parameters, of an uninterrupted one.
+
+The host never waits for the device except to read metrics of the previous call (one call
+ahead), at log points, and at evaluation/checkpoint points. SIGTERM sets a flag; the loop saves
+at the next step boundary and returns normally (``train.py`` then exits 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import signal
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from transformer_jax.config import ModelConfig, TrainConfig
+from transformer_jax.parallel import Placement, distributed, resolve, sharding
+from transformer_jax.runs import metrics, rundir
+from transformer_jax.runs.checkpoint import Checkpointer
+from transformer_jax.runs.rundir import RunConfigError
+from transformer_jax.train.optim import make_schedule
+from transformer_jax.train.tasks import build_workload
+from transformer_jax.train.workload import Workload
+
+__all__ = ["NonFiniteError", "RunConfigError", "RunResult", "run", "train"]
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradients ``max_nonfinite`` times in a row."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What :func:`run` did.
+
+    Attributes:
+      out: the run directory.
+      step: the step training stopped at.
+      start_step: the step it started (or resumed) from.
+      val_loss: the last validation loss (nats per token), or NaN if none ran.
+      val_bpb: the same in bits per byte.
+      tokens_per_s: median training throughput over this run's log intervals.
+      mfu: median model-FLOPs utilisation over the same intervals.
+      wall_s: wall time of :func:`run`, compilation included.
+      interrupted: stopped early by SIGTERM (or ``stop_at``), checkpoint saved.
+      sample: the text generated at the end ("" if none).
+      state: the final :class:`~transformer_jax.train.step.TrainState` (host arrays,
+        unreplicated).
+      evaluation: the workload's final evaluation (the last ``metrics.jsonl`` line), or {}.
+    """
+
+    out: Path
+    step: int
+    start_step: int
+    val_loss: float
+    val_bpb: float
+    tokens_per_s: float
+    mfu: float
+    wall_s: float
+    interrupted: bool
+    sample: str
+    state: Any = dataclasses.field(repr=False, default=None)
+    evaluation: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | None = None,
+        stop_at: int | None = None, progress: bool | None = None,
+        log: Callable[[str], None] | None = None) -> RunResult:
+    """Train (or resume) a model on ``tc.task``; write everything into ``tc.out``.
+
+    Args:
+      model_cfg: the model (for the language model its ``vocab_size`` must be 256: bytes; for a
+        seq2seq task, the task's vocabulary size).
+      tc: the training settings.
+      devices: devices to use (default: all local devices), resolved with ``tc.parallel``.
+      stop_at: stop at this step as if SIGTERM had arrived (checkpoint, no final eval/sample).
+      progress: show a tqdm bar; ``None``: only when stderr is a terminal.
+      log: where messages go (default: ``tqdm.write``, which keeps the bar intact).
+
+    Returns:
+      A :class:`RunResult`.
+
+    Raises:
+      RunConfigError, transformer_jax.data.DataError, transformer_jax.parallel.BatchSplitError:
+        bad settings (before training).
+      NonFiniteError: ``tc.max_nonfinite`` consecutive non-finite gradients.
+    """
+    t_start = time.perf_counter()
+    try:
+        placement = resolve(tc.parallel, devices, tc.mesh)
+    except ValueError as e:
+        raise RunConfigError(str(e)) from None
+    if not distributed.is_lead():  # in a multi-host run only process 0 writes logs and files
+        log, progress = (lambda message: None), False
+    log = log or tqdm.write
+    work = build_workload(model_cfg, tc, placement, log=log)
+    return train(work, model_cfg, tc, placement, stop_at=stop_at, progress=progress, log=log,
+                 t_start=t_start)
+
+
+def train(work: Workload, model_cfg: ModelConfig, tc: TrainConfig, placement: Placement, *,
+          stop_at: int | None = None, progress: bool | None = None,
+          log: Callable[[str], None] = print, t_start: float | None = None) -> RunResult:
+    """The generic loop: train ``work`` on ``placement`` into ``tc.out`` (see :func:`run`)."""
+    t_start = time.perf_counter() if t_start is None else t_start
+    out, lead = Path(tc.out), distributed.is_lead()
+    if lead:  # refuses another run's or an unwritable directory
+        rundir.prepare(out, model_cfg, tc, log)
+    end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
+    with Checkpointer(out / "checkpoints", max_to_keep=tc.max_to_keep) as ckpt, \
+            _SigtermFlag() as sigterm:
+        state, start = _restore_or_init(ckpt, work, model_cfg, tc, placement, out, log)
+        session = _Session(work, model_cfg, tc, placement, ckpt, out, lead, log, start,
+                           progress, t_start)
+        try:
+            state, step = session.train(state, start, end, sigterm)
+            interrupted = step < tc.steps
+            evaluation = session.finish(state, step, interrupted)
+        finally:
+            session.close()
+        final = placement.to_host(state)
+    sample = ""
+    if lead and not interrupted:
+        sample = _write_sample(work, final.params, step, out, tc, placement)
+    if lead:
+        metrics.plot_loss(metrics.read_jsonl(out / "metrics.jsonl"), out / "loss.png",
+                          title=f"{out.name}: {tc.model}, {model_cfg.num_decoder_layers}×"
+                                f"{model_cfg.d_model}")
+    tok_s = statistics.median(session.rates) if lead and session.rates else math.nan
+    return RunResult(out=out, step=step, start_step=start, val_loss=session.val_loss,
+                     val_bpb=session.val_loss / math.log(2), tokens_per_s=tok_s,
+                     mfu=tok_s * work.fns.flops_per_token / session.peak,
+                     wall_s=time.perf_counter() - t_start, interrupted=interrupted,
+                     sample=sample, state=final, evaluation=evaluation)
+
+
+def _restore_or_init(ckpt: Checkpointer, work: Workload, model_cfg: ModelConfig,
+                     tc: TrainConfig, placement: Placement, out: Path,
+                     log: Callable[[str], None]) -> tuple[Any, int]:
+    """(state, step): the newest restorable checkpoint, placed, or a fresh state at step 0."""
+    init = functools.partial(work.init_state, tc.seed)
+    fresh = jax.eval_shape(init)
+    # Restored straight into this placement's shardings (whatever mesh saved it); a checkpoint
+    # copied in from another model is refused by name.
+    restored = ckpt.restore(placement.target(fresh), expect={"model": model_cfg.to_dict()})
+    if restored is None:
+        return placement.init(init, fresh), 0
+    start = restored.step
+    log(f"resuming {out} from step {start}" if start < tc.steps else
+        f"{out} is already trained to step {start} (--steps {tc.steps}): evaluating and "
+        "sampling only")
+    return placement.place(restored.state), start
+
+
+def _write_sample(work: Workload, params: Any, step: int, out: Path, tc: TrainConfig,
+                  placement: Placement) -> str:
+    """The workload's end-of-run sample, appended to ``samples.txt`` ("" if it has none)."""
+    if work.sample is None:
+        return ""
+    # This process's first device (every process's own under a multi-host mesh).
+    device = next(d for d in placement.devices if d.process_index == jax.process_index())
+    text = work.sample(params, step, device)
+    with open(out / "samples.txt", "a") as f:
+        f.write(f"--- step {step}, temperature {tc.sample_temperature}, prompt "
+                f"{tc.sample_prompt!r}\n{text}\n\n")
+    return text
+
+
+def _next_stop(step: int, end: int, tc: TrainConfig) -> int:
+    """The next absolute step boundary: a multiple of every interval, or ``end``."""
+    every = (tc.steps_per_call, tc.log_every, tc.eval_every, tc.ckpt_every)
+    return min([end] + [(step // e + 1) * e for e in every])
+
+
+class _Session:
+    """One call of :func:`train`: the progress bar, metrics writer and throughput clock."""
+
+    def __init__(self, work: Workload, model_cfg: ModelConfig, tc: TrainConfig,
+                 placement: Placement, ckpt: Checkpointer, out: Path, lead: bool,
+                 log: Callable[[str], None], start: int, progress: bool | None,
+                 t_start: float):
+        self.work, self.tc, self.placement, self.ckpt, self.out = work, tc, placement, ckpt, out
+        self.model_cfg, self.log, self.t_start = model_cfg, log, t_start
+        self.writer = (metrics.MetricsWriter(out, resume_step=start if start else None) if lead
+                       else _NoWriter())
+        self.peak, peak_source = metrics.peak_flops(placement.devices)
+        self.schedule = make_schedule(tc, model_cfg.d_model)
+        self.val_loss, self.last_eval = math.nan, -1
+        self.rates: list[float] = []
+        self.interval: list[dict[str, np.ndarray]] = []
+        self.pending = None
+        self.bar = tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True,
+                        disable=(None if progress is None else not progress), desc="train")
+        self.postfix: dict[str, str] = {}
+        fns, dev0 = work.fns, placement.devices[0]
+        mesh = "" if placement.mesh is None else f" (mesh {dict(placement.mesh.shape)})"
+        log(f"{work.architecture}, {fns.n_params / 1e6:.2f}M params, "
+            f"{fns.flops_per_token / 1e6:.1f} MFLOP/token; {placement.kind} on "
+            f"{placement.num_devices} {dev0.platform} device(s){mesh}; {work.description}; "
+            f"peak {self.peak / 1e9:.0f} GFLOP/s ({peak_source})")
+
+    def train(self, state: Any, step: int, end: int, sigterm: _SigtermFlag) -> tuple[Any, int]:
+        """Run compiled calls up to ``end`` (or a stop signal); returns (state, step)."""
+        tc, work = self.tc, self.work
+        n_timed, t_mark, warm, stop_now = 0, time.perf_counter(), False, False
+        while step < end and not stop_now:
+            stop = _next_stop(step, end, tc)
+            batches = self.placement.batches(  # each host loads its own rows
+                functools.partial(work.train_batches, step, stop - step),
+                (stop - step, tc.batch_size, work.width))
+            state, chunk_metrics = work.fns.train(state, batches)
+            self._drain(step)  # the previous call's metrics: the device has this call queued
+            self.pending = chunk_metrics
+            n_timed += stop - step
+            self.bar.update(stop - step)
+            step = stop
+            if not warm:  # exclude compilation from the throughput
+                self._drain(step)
+                n_timed, t_mark, warm = 0, time.perf_counter(), True
+            do_eval = step % tc.eval_every == 0 or step == tc.steps
+            # With several hosts all stop together if any got SIGTERM (one collective).
+            stop_now = distributed.any_process(sigterm.set)
+            do_ckpt = step % tc.ckpt_every == 0 or step == end or stop_now
+            if step % tc.log_every == 0 or do_eval or do_ckpt:
+                self._drain(step)
+                now = time.perf_counter()
+                # None (JSON null) when the interval held only the compiling call.
+                tok_s = n_timed * work.tokens_per_step / (now - t_mark) if n_timed else None
+                self._log_interval(state, step, tok_s, now, do_eval)
+                if do_ckpt:
+                    self._save(step, state)
+                n_timed, t_mark = 0, time.perf_counter()
+        self._drain(step)
+        return state, step
+
+    def _drain(self, step: int) -> None:
+        """Fetch the metrics of the call in flight; stop on too many non-finite steps."""
+        if self.pending is None:
+            return
+        host = self.placement.to_host(self.pending)
+        self.pending = None
+        self.interval.append(host)
+        limit = self.tc.max_nonfinite
+        if int(host["nonfinite"].max()) >= limit:
+            raise NonFiniteError(
+                f"{limit} consecutive steps had non-finite losses or gradients (by step {step}); "
+                "their updates were skipped and training stopped. Lower --lr, raise --warmup or "
+                f"use --grad-clip; the last good checkpoint is in {self.out / 'checkpoints'}")
+        self.postfix["loss"] = f"{float(host['loss'][-1]):.4f}"
+        self.bar.set_postfix(self.postfix, refresh=False)
+
+    def _log_interval(self, state: Any, step: int, tok_s: float | None, now: float,
+                      do_eval: bool) -> None:
+        """One ``metrics.jsonl`` line for the steps since the last one (and validation)."""
+        if tok_s is not None:
+            self.rates.append(tok_s)
+        losses = np.concatenate([m["loss"] for m in self.interval])
+        # A step with a non-finite loss or gradient was skipped (apply_if_finite): count it,
+        # and average the loss over the steps that were applied.
+        skipped = int(sum((m["nonfinite"] > 0).sum() for m in self.interval))
+        finite = losses[np.isfinite(losses)]
+        record = {"step": step, "loss": float(finite.mean()) if finite.size else None,
+                  "nonfinite_steps": skipped, "lr": float(self.schedule(step - 1)),
+                  "tokens_per_s": tok_s,
+                  "mfu": None if tok_s is None else tok_s * self.work.fns.flops_per_token
+                  / self.peak,
+                  "time_s": now - self.t_start}  # wall seconds since start: curves' x axis
+        self.interval.clear()
+        if do_eval:
+            self._validate(state, step)
+            record.update(val_loss=self.val_loss, val_bpb=self.val_loss / math.log(2))
+        self.writer.write(record)
+        self.postfix["tok/s"] = f"{tok_s:,.0f}" if tok_s else "-"
+        self.bar.set_postfix(self.postfix, refresh=False)
+
+    def _validate(self, state: Any, step: int) -> None:
+        self.val_loss, self.last_eval = self.work.validate(self.placement.params(state)), step
+        unit = self.work.unit
+        self.log(f"step {step}: val_loss {self.val_loss:.4f} nats/{unit} "
+                 f"({self.val_loss / math.log(2):.3f} bits/{unit})")
+
+    def _save(self, step: int, state: Any) -> None:
+        meta = {"step": step, "model": self.model_cfg.to_dict(), "train": self.tc.to_dict()}
+        self.ckpt.save(step, self.placement.saveable(state), meta)
+
+    def finish(self, state: Any, step: int, interrupted: bool) -> dict[str, Any]:
+        """Save an interrupted run; evaluate a finished one. Returns the final evaluation."""
+        if interrupted:
+            self._save(step, state)
+            self.log(f"stopped at step {step}; checkpoint saved in {self.out.resolve()}/"
+                     "checkpoints; run the same command to resume")
+            return {}
+        if self.last_eval != step:  # finished earlier: evaluate the restored state once
+            self._validate(state, step)
+        if self.work.finish is None:
+            return {}
+        params = sharding.to_host(self.placement.params(state))
+        evaluation = self.work.finish(params, self.ckpt, step)
+        self.writer.write({"step": step, **evaluation})
+        return evaluation
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+
+
+class _NoWriter:
+    """The metrics writer of processes other than 0: writes nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _SigtermFlag:
+    """Context manager: SIGTERM sets ``self.set`` (main thread only) instead of killing us."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

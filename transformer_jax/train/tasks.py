@@ -1,0 +1,34 @@
+"""``TrainConfig.task`` -> the function that builds its training workload.
+
+"lm" is the byte-level language model (:mod:`transformer_jax.train.lm`); every
+sequence-to-sequence task of :mod:`transformer_jax.data.seq2seq_tasks` trains the
+encoder–decoder (:mod:`transformer_jax.train.seq2seq`). A new task registers its builder here.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable
+
+from transformer_jax.config import ModelConfig, Task, TrainConfig
+from transformer_jax.parallel import Placement
+from transformer_jax.train import lm, seq2seq
+from transformer_jax.train.workload import Workload
+
+__all__ = ["WORKLOADS", "build_workload", "defaults"]
+
+WORKLOADS: dict[str, Callable[..., Workload]] = {
+    task: lm.workload if task == "lm" else seq2seq.workload for task in typing.get_args(Task)
+}
+"""Task name -> ``(model_cfg, train_cfg, placement, *, log) -> Workload``."""
+
+
+def build_workload(model_cfg: ModelConfig, tc: TrainConfig, placement: Placement, *,
+                   log: Callable[[str], None]) -> Workload:
+    """The workload of ``tc.task`` (raises the builder's errors for settings that cannot train)."""
+    return WORKLOADS[tc.task](model_cfg, tc, placement, log=log)
+
+
+def defaults(task: str) -> TrainConfig:
+    """The training defaults of ``task``: the LM's, or the paper's recipe for seq2seq tasks."""
+    return TrainConfig() if task == "lm" else seq2seq.TRAIN_DEFAULTS
