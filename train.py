@@ -5,9 +5,7 @@ A thin entry point: the command line lives in :mod:`transformer_jax.cli.train`.
 
 import sys
 
-from transformer_jax.cli.common import plain_warnings
-from transformer_jax.cli.train import main
+from transformer_jax.cli.entry import run
 
 if __name__ == "__main__":
-    plain_warnings("train.py")
-    sys.exit(main())
+    sys.exit(run("train.py", "transformer_jax.cli.train"))

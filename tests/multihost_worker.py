@@ -1,7 +1,7 @@
 """One process of the two-process CPU run in tests/parallel/test_sharding.py (and its configs).
 
-``python tests/multihost_worker.py HOST:PORT PROCESS_ID OUT DATA_FILE`` joins the other process,
-trains the sharded run to step 2 (stopping as if SIGTERM had come: a checkpoint of the global,
+``python tests/multihost_worker.py HOST:PORT PROCESS_ID OUT DATA`` joins the other process
+(DATA: a text file or a prepared dataset folder), trains the sharded run to step 2 (stopping as if SIGTERM had come: a checkpoint of the global,
 cross-process-sharded arrays), then runs again into the same directory: it restores that
 checkpoint and trains to step 4. Prints one JSON line with what it did.
 """
@@ -34,13 +34,15 @@ def main(coordinator: str, process_id: str, out: str, data_file: str) -> None:
 
     distributed.initialize(coordinator, NUM_PROCESSES, int(process_id))
 
+    from transformer_jax.data.prepared import data_vocab_size
     from transformer_jax.runs import metrics
     from transformer_jax.train import loop
 
     metrics.peak_flops = lambda devices: (1e9, "test")  # skip the CPU matmul probe
     tc = train_config(out, data_file)
-    first = loop.run(MODEL, tc, stop_at=2, progress=False)
-    second = loop.run(MODEL, tc, progress=False)
+    model = dataclasses.replace(MODEL, vocab_size=data_vocab_size(tc.data))  # a dataset's own
+    first = loop.run(model, tc, stop_at=2, progress=False)
+    second = loop.run(model, tc, progress=False)
     import jax
 
     print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),

@@ -17,7 +17,8 @@ PACKAGE = ROOT / "transformer_jax"
 
 LAYERS = {"config": 0, "attention": 0, "data": 1, "models": 2, "decoding": 3, "parallel": 3,
           "runs": 4, "train": 5, "cli": 6}
-ENTRY_POINTS = {"sample", "translate", "visualize"}  # python -m transformer_jax.<name> shims
+# The python -m transformer_jax.<name> shims.
+ENTRY_POINTS = {"prepare", "sample", "translate", "visualize"}
 WRITERS = {"orbax", "tensorboardX", "matplotlib", "tqdm"}  # third-party packages that write
 
 

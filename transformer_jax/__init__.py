@@ -9,27 +9,24 @@ Axis legend, used in every docstring, einsum string and comment of the package:
 
 Shapes of public functions are written as ``[B, T, N, H]``.
 
-The attention kernel (:mod:`transformer_jax.attention`) is pure JAX and is imported eagerly;
-everything that needs Flax, Optax or orbax is imported lazily on first use, so
-``import transformer_jax.attention`` never imports Flax.
+Every name below is imported lazily, on first use: importing the package itself loads nothing
+(so the commands answer Ctrl-C at once), and ``import transformer_jax.attention`` loads the
+pure-JAX kernel without Flax, Optax or orbax.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from transformer_jax.attention import (
-    attention_weights,
-    dot_product_attention,
-    make_causal_mask,
-    make_padding_mask,
-    scaled_dot_product_attention,
-)
-
 __version__ = "0.1.0"
 
 # name -> submodule that defines it; resolved on first attribute access (PEP 562).
 _LAZY: dict[str, str] = {
+    "attention_weights": "attention",
+    "dot_product_attention": "attention",
+    "make_causal_mask": "attention",
+    "make_padding_mask": "attention",
+    "scaled_dot_product_attention": "attention",
     "ModelConfig": "config",
     "PRESETS": "config",
     "TrainConfig": "config",
@@ -62,11 +59,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'transformer_jax' has no attribute {name!r}")
 
 
-__all__ = [
-    "attention_weights",
-    "dot_product_attention",
-    "make_causal_mask",
-    "make_padding_mask",
-    "scaled_dot_product_attention",
-    *_LAZY,
-]
+__all__ = list(_LAZY)

@@ -17,13 +17,16 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
-__all__ = ["AXES", "PRESETS", "ModelConfig", "TrainConfig", "mesh_axes"]
+__all__ = ["AXES", "COMPUTE_ONLY", "PRESETS", "ModelConfig", "TrainConfig", "mesh_axes",
+           "model_identity"]
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 Norm = Literal["post", "pre"]
-Positions = Literal["sinusoidal", "learned"]
-Activation = Literal["relu", "gelu"]
-AttentionImpl = Literal["auto", "exact", "blockwise"]
+NormType = Literal["layernorm", "rmsnorm"]
+Positions = Literal["sinusoidal", "learned", "rope"]
+Activation = Literal["relu", "gelu", "swiglu"]
+AttentionImpl = Literal["auto", "exact", "blockwise", "xla", "cudnn"]
+Remat = Literal["none", "block", "dots"]
 
 def _from_dict(cls, d: dict[str, Any]):
     """``cls(**d)`` for a config dataclass, naming any keys that are not its fields."""
@@ -35,7 +38,9 @@ def _from_dict(cls, d: dict[str, Any]):
 
 _CHOICES = {  # field -> allowed values, checked once in __post_init__
     "norm": typing.get_args(Norm),
+    "norm_type": typing.get_args(NormType),
     "positions": typing.get_args(Positions),
+    "remat": typing.get_args(Remat),
     "activation": typing.get_args(Activation),
     "attention_impl": typing.get_args(AttentionImpl),
     "dtype": typing.get_args(DTypeName),
@@ -62,8 +67,16 @@ class ModelConfig:
       max_len: longest sequence the positions cover (learned positions have this many rows).
       norm: "post" = LayerNorm(x + Sublayer(x)) as in the paper (§3.1); "pre" =
         x + Sublayer(LayerNorm(x)) with a final LayerNorm (GPT-2, Xiong et al. 2020).
-      positions: "sinusoidal" (§3.5) or "learned" position embeddings.
-      activation: feed-forward non-linearity: "relu" (§3.3) or "gelu" (GPT-2).
+      norm_type: "layernorm" (§3.1, Ba et al. 2016) or "rmsnorm" (Zhang & Sennrich 2019: no
+        mean, no bias).
+      positions: "sinusoidal" (§3.5) or "learned" position embeddings added to the input, or
+        "rope": rotary positions applied to the self-attention queries and keys (Su et al.
+        2021).
+      activation: feed-forward non-linearity: "relu" (§3.3), "gelu" (GPT-2) or "swiglu"
+        (Shazeer 2020: a gated unit with a third matrix).
+      qk_norm: RMS-normalise queries and keys per head before the dot product (Dehghani et
+        al. 2023); bounds the logits.
+      use_bias: biases in the projections and LayerNorms (the paper's); off in most modern LMs.
       share_embeddings: one matrix for source embeddings, target embeddings and the pre-softmax
         projection (§3.4); for the LM, the output projection is tied to the input embedding.
       pad_id: padding token; source keys equal to it are masked out of attention.
@@ -72,9 +85,16 @@ class ModelConfig:
       dtype: compute dtype name ("float32", "bfloat16", "float16"); LayerNorm statistics,
         attention softmax and the returned logits stay float32.
       param_dtype: parameter storage dtype name.
-      attention_impl: passed to the attention kernel: "exact", "blockwise" or "auto" (the
-        kernel chooses by size).
-      layer_norm_eps: LayerNorm epsilon.
+      attention_impl: passed to the attention kernel: "exact", "blockwise", "xla"
+        (``jax.nn.dot_product_attention``), "cudnn" (its fused GPU kernel) or "auto" (the
+        kernel chooses).
+      layer_norm_eps: LayerNorm / RMSNorm epsilon.
+      remat: rematerialisation of each block in the backward pass (``jax.checkpoint``): "none";
+        "block" (keep only each block's input, recompute the rest); "dots" (also keep the
+        outputs of the weight matmuls). Same numbers, less activation memory, more compute.
+      scan_layers: run each stack of blocks as one ``nn.scan`` (parameters get a leading layer
+        axis): compile time no longer grows with depth. A checkpoint of the other layout is
+        refused (the config differs in ``scan_layers``).
     """
 
     vocab_size: int
@@ -87,8 +107,11 @@ class ModelConfig:
     dropout_rate: float = 0.1
     max_len: int = 512
     norm: Norm = "post"
+    norm_type: NormType = "layernorm"
     positions: Positions = "sinusoidal"
     activation: Activation = "relu"
+    qk_norm: bool = False
+    use_bias: bool = True
     share_embeddings: bool = True
     pad_id: int = 0
     bos_id: int = 1
@@ -97,6 +120,8 @@ class ModelConfig:
     param_dtype: DTypeName = "float32"
     attention_impl: AttentionImpl = "auto"
     layer_norm_eps: float = 1e-6
+    remat: Remat = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.num_kv_heads is None:  # frozen: the documented default is filled in once here
@@ -124,6 +149,9 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must lie in [0, 1), got {self.dropout_rate!r}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"rotary positions need an even head dim, got "
+                             f"d_model / num_heads = {self.head_dim}")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
         for name in ("pad_id", "bos_id", "eos_id"):
@@ -162,6 +190,24 @@ class ModelConfig:
         return _from_dict(cls, d)
 
 
+COMPUTE_ONLY = ("remat", "attention_impl")
+"""ModelConfig fields that change how a model computes, not what: a run may resume with others."""
+
+
+def model_identity(d: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a (saved) ModelConfig dict that decide the model, for comparing two runs.
+
+    Fields an older version did not write get their defaults (so its runs still resume);
+    :data:`COMPUTE_ONLY` fields are dropped. A dict that is not a valid config is returned as
+    it is (and then differs from every valid one).
+    """
+    try:
+        full = ModelConfig.from_dict(d).to_dict()
+    except (TypeError, ValueError):
+        return dict(d)
+    return {k: v for k, v in full.items() if k not in COMPUTE_ONLY}
+
+
 PRESETS: dict[str, ModelConfig] = {
     # Table 3, row "base": N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1. vocab_size is a
     # placeholder for the ~37k shared BPE vocabulary of §5.1; set it with dataclasses.replace.
@@ -194,6 +240,22 @@ PRESETS: dict[str, ModelConfig] = {
     "cpu-seq2seq": ModelConfig(
         vocab_size=256, d_model=128, num_heads=4, num_encoder_layers=2,
         num_decoder_layers=2, d_ff=512, dropout_rate=0.0, max_len=32,
+    ),
+    # The options MaxText and Levanter ship, together: pre-RMSNorm, rotary positions, SwiGLU
+    # (F = 8/3·D rounded to 64, the same matmul FLOPs as a 4·D ReLU network), QK-norm, no
+    # biases, untied output embedding. GPT-2 small's size and vocabulary.
+    "modern-lm": ModelConfig(
+        vocab_size=50257, d_model=768, num_heads=12, num_encoder_layers=0,
+        num_decoder_layers=12, d_ff=2048, dropout_rate=0.0, max_len=1024, norm="pre",
+        norm_type="rmsnorm", positions="rope", activation="swiglu", qk_norm=True,
+        use_bias=False, share_embeddings=False,
+    ),
+    # modern-lm's options at cpu-lm's size, for the default run's budget.
+    "cpu-modern": ModelConfig(
+        vocab_size=256, d_model=192, num_heads=6, num_encoder_layers=0,
+        num_decoder_layers=4, d_ff=512, dropout_rate=0.0, max_len=256, norm="pre",
+        norm_type="rmsnorm", positions="rope", activation="swiglu", qk_norm=True,
+        use_bias=False, share_embeddings=False,
     ),
     # For tests: compiles in seconds.
     "tiny": ModelConfig(
@@ -289,6 +351,8 @@ class TrainConfig:
         LayerNorm scales).
       grad_clip: clip gradients to this global norm; 0 disables clipping.
       label_smoothing: ε_ls of the training loss (§5.4 uses 0.1); evaluation never smooths.
+      z_loss: coefficient of log(Z)² added to the training loss per target (PaLM, Chowdhery et
+        al. 2022, uses 1e-4): keeps the softmax normaliser near 1. Evaluation leaves it out.
       log_every: steps between metric lines (and progress-bar updates of loss and tokens/s).
       eval_every: steps between validation passes (the last step is always evaluated).
       ckpt_every: steps between checkpoints (the last step is always saved).
@@ -335,6 +399,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
+    z_loss: float = 0.0
     log_every: int = 50
     eval_every: int = 400
     ckpt_every: int = 400
@@ -381,6 +446,7 @@ class TrainConfig:
             "weight_decay": (self.weight_decay >= 0.0, "be >= 0"),
             "grad_clip": (self.grad_clip >= 0.0, "be >= 0 (0: no clipping)"),
             "label_smoothing": (0.0 <= self.label_smoothing < 1.0, "lie in [0, 1)"),
+            "z_loss": (self.z_loss >= 0.0, "be >= 0"),
             "sample_temperature": (self.sample_temperature > 0.0, "be > 0"),
         }
         for name, (ok, rule) in checks.items():

@@ -2,9 +2,7 @@
 
 import sys
 
-from transformer_jax.cli.common import plain_warnings
-from transformer_jax.cli.sample import main
+from transformer_jax.cli.entry import run
 
 if __name__ == "__main__":
-    plain_warnings("python -m transformer_jax.sample")
-    sys.exit(main())
+    sys.exit(run("python -m transformer_jax.sample", "transformer_jax.cli.sample"))

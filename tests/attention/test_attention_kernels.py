@@ -10,6 +10,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
+from transformer_jax.attention import blockwise
 from transformer_jax.attention import kernels as ak
 
 
@@ -21,7 +22,7 @@ def layouts(draw):
     bq, bk = draw(st.integers(1, 9)), draw(st.integers(1, 9))
     nq, nk = -(-T // bq), -(-S // bk)
     q_len, kv_len = draw(st.integers(0, T)), draw(st.integers(0, S))
-    spec = ak.Spec(scale=1.0, is_causal=causal, window=window, block_q=bq, block_k=bk)
+    spec = ak.Spec(is_causal=causal, window=window, block_q=bq, block_k=bk)
     return spec, nq, nk, q_len, kv_len
 
 
@@ -38,7 +39,7 @@ def _check_block_loops(n, some, full, spec, q_len, kv_len, transposed):
     every block with a visible pair, and skip the mask on [a, b) = exactly the fully visible
     ones (none when an arbitrary mask is present)."""
     for i in range(some.shape[0]):
-        bounds = ak.block_bounds(spec, i, n, q_len, kv_len, False, transposed)
+        bounds = blockwise.block_bounds(spec, i, n, q_len, kv_len, False, transposed)
         lo, a, b, hi = (int(x) for x in bounds)
         visited = np.zeros(n, bool)
         visited[lo:hi] = True
@@ -46,7 +47,7 @@ def _check_block_loops(n, some, full, spec, q_len, kv_len, transposed):
         unmasked[a:b] = True
         assert not (some[i] & ~visited).any(), "a block with visible keys is skipped"
         np.testing.assert_array_equal(unmasked, full[i])  # exactly the fully visible blocks
-        masked = ak.block_bounds(spec, i, n, q_len, kv_len, True, transposed)
+        masked = blockwise.block_bounds(spec, i, n, q_len, kv_len, True, transposed)
         assert tuple(int(x) for x in masked) == (lo, lo, lo, hi)
 
 

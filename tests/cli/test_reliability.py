@@ -1,4 +1,5 @@
-"""Failures that must cost nothing: SIGKILL at random moments, SIGTERM, non-finite steps.
+"""Failures that must cost nothing: SIGKILL at random moments, SIGTERM, non-finite steps,
+Ctrl-C, two runs on one directory, a full disk.
 
 * Kills: ``train.py`` runs in a subprocess that is killed (SIGKILL) at seeded random moments —
   while preparing a random step, inside a checkpoint save (all arrays written, not committed),
@@ -8,13 +9,22 @@
 * Non-finite steps: a NaN loss, an Inf gradient, then several bad steps in a row are injected
   through the data; each is skipped (the parameters do not move), counted in metrics.jsonl, and
   the run stops with exit status 1 leaving the last good checkpoint intact.
+* Ctrl-C (SIGINT from ``subprocess.Popen.send_signal``, as a terminal sends it; a shell's
+  background job would ignore it): the first saves at the step boundary (exit 130); a second
+  stops at once without saving, leaving the checkpoints as they were. A second ``train.py``
+  into a directory in use exits 2 naming the first, which goes on untouched. A full disk (a
+  tmpfs where the test may mount one, else ``OSError(ENOSPC)`` injected into orbax's save
+  thread) ends the run with exit status 74 and one line; the last good checkpoint restores.
 """
 
 import dataclasses
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,6 +66,36 @@ elif kind == "kill_in_save":
         name = self._final_path.name  # the step folder (items inside it finalize too)
         if name.isdigit() and int(name) >= int(at):
             os.kill(os.getpid(), signal.SIGKILL)
+        return await real_finalize(self, *a, **kw)
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
+elif kind == "slow_save":  # a save of a large model: once MARK exists, saves take minutes
+    import time
+    from transformer_jax.runs.checkpoint import Checkpointer
+    real_save = Checkpointer.save
+    def save(self, *a, **kw):
+        if os.path.exists(os.environ["MARK"]):
+            time.sleep(300)
+        return real_save(self, *a, **kw)
+    Checkpointer.save = save
+elif kind == "disk_full_at":  # fill the disk (FILL, a tmpfs) before the save of step >= at
+    from transformer_jax.runs.checkpoint import Checkpointer
+    real_save = Checkpointer.save
+    def save(self, step, *a, **kw):
+        if step >= int(at) and not os.path.exists(os.environ["FILL"]):
+            self.wait()
+            st = os.statvfs(os.path.dirname(os.environ["FILL"]))
+            with open(os.environ["FILL"], "wb") as f:
+                f.write(bytes(st.f_bavail * st.f_frsize - 40_000))
+        return real_save(self, step, *a, **kw)
+    Checkpointer.save = save
+elif kind == "enospc_at":  # where no tmpfs can be mounted: the publishing rename fails
+    import errno
+    from orbax.checkpoint._src.path import atomicity
+    real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+    async def finalize(self, *a, **kw):
+        name = self._final_path.name
+        if name.isdigit() and int(name) >= int(at):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return await real_finalize(self, *a, **kw)
     atomicity.AtomicRenameTemporaryPath.finalize = finalize
 sys.argv = ["train.py", *sys.argv[1:]]
@@ -247,3 +287,186 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
         last = ckpt.restore(abstract)
     assert last.step == 8 and all(np.isfinite(x).all() for x in jax.tree.leaves(last.state.params))
     assert dataclasses.asdict(model_cfg) == last.meta["model"]
+
+
+# ---- Ctrl-C, two runs on one directory, a full disk -----------------------------------------
+
+# Never finishes by itself; a checkpoint every 20 steps, no evaluation (later flags win).
+LONG = [*ARGS, "--steps", "1000000", "--ckpt-every", "20", "--eval-every", "1000000"]
+
+
+@pytest.fixture(scope="module")
+def launcher(tmp_path_factory):
+    """Starts ``train.py`` (through HARNESS) in a subprocess; the runs share one compile cache."""
+    root = tmp_path_factory.mktemp("launch")
+    (root / "harness.py").write_text(HARNESS)
+    corpus = _corpus(root / "corpus.txt")
+    env = dict(os.environ, ROOT=str(ROOT), PYTHONPATH=str(ROOT),
+               JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    started = []
+
+    def launch(out, args=LONG, fault="", **extra_env):
+        proc = _Train([sys.executable, str(root / "harness.py"), *args, "--data", str(corpus),
+                       "--out", str(out)], dict(env, FAULT=fault, **extra_env))
+        started.append(proc)
+        return proc
+
+    yield launch
+    for proc in started:
+        proc.popen.kill()
+        proc.popen.wait()
+
+
+class _Train:
+    """A ``train.py`` subprocess whose output (stdout and stderr) is collected as it comes."""
+
+    def __init__(self, argv, env):
+        self.popen = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.popen.stdout),
+                                        daemon=True)
+        self._reader.start()
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_until(self, condition, timeout=120):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.popen.poll() is None, f"exited {self.popen.returncode}:\n{self.text()}"
+            assert time.monotonic() < deadline, self.text()
+            time.sleep(0.05)
+
+    def finish(self, timeout=120) -> tuple[int, str]:
+        rc = self.popen.wait(timeout)
+        self._reader.join(timeout)
+        return rc, self.text()
+
+
+def _logged_steps(out):
+    path = out / "metrics.jsonl"
+    return [r["step"] for r in metrics.read_jsonl(path)] if path.exists() else []
+
+
+def _saved_steps(out):
+    """Everything in the checkpoint folder: step folders (numerically) first, then the rest."""
+    path = out / "checkpoints"
+    names = [p.name for p in path.iterdir()] if path.exists() else []
+    return sorted(names, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+
+
+def _no_traceback(log):
+    for noise in ("Traceback", "KeyboardInterrupt", "ERROR:absl", "warning: ignored"):
+        assert noise not in log, log
+
+
+def test_ctrl_c_saves_then_a_second_ctrl_c_stops_at_once(tmp_path, launcher):
+    out = tmp_path / "run"
+    # 1. One Ctrl-C: the compiled call in progress ends, a checkpoint is saved, exit 130.
+    run = launcher(out)
+    run.wait_until(lambda: any(s > 20 for s in _logged_steps(out)))  # past one checkpoint
+    run.popen.send_signal(signal.SIGINT)
+    rc, log = run.finish()
+    assert rc == 130, log
+    _no_traceback(log)
+    assert "Ctrl-C: saving a checkpoint" in log
+    stopped = int(re.search(r"stopped at step (\d+); checkpoint saved", log)[1])
+    assert stopped > 20 and _saved_steps(out)[-1] == str(stopped)
+    assert not (out / ".lock").exists()
+
+    # 2. Two Ctrl-C while the save is slow (a large model's): stop at once, nothing saved.
+    out, mark = tmp_path / "run2", tmp_path / "slow"
+    run = launcher(out, fault="slow_save", MARK=str(mark))
+    run.wait_until(lambda: any(name.isdigit() for name in _saved_steps(out)))  # one complete
+    mark.touch()  # from now on a save sleeps for minutes before it starts
+    before = [name for name in _saved_steps(out) if name.isdigit()]
+    run.popen.send_signal(signal.SIGINT)
+    run.wait_until(lambda: "Ctrl-C: saving a checkpoint" in run.text())
+    sent = time.monotonic()
+    run.popen.send_signal(signal.SIGINT)
+    rc, log = run.finish()
+    assert rc == 130, log
+    assert time.monotonic() - sent < 30  # the save sleeps for minutes: it was not waited for
+    _no_traceback(log)
+    assert "train.py: stopped at once by Ctrl-C, without saving" in log
+    assert "stopped at step" not in log
+    after = _saved_steps(out)
+    assert set(before) <= set(after)  # nothing removed (a save in flight may have completed)
+    assert not (out / ".lock").exists()  # released before exiting
+    with Checkpointer(out / "checkpoints") as ckpt:  # the last good checkpoint restores
+        assert ckpt.restore(None).step == int([n for n in after if n.isdigit()][-1])
+
+
+def test_a_second_run_into_a_directory_in_use_exits_2_and_touches_nothing(tmp_path, launcher):
+    out = tmp_path / "run"
+    first = launcher(out)
+    first.wait_until(lambda: len(_logged_steps(out)) >= 2)
+    config = (out / "config.json").stat().st_mtime_ns
+    second = launcher(out)
+    rc, log = second.finish()
+    assert rc == 2, log
+    _no_traceback(log)
+    assert log.count("\n") == 1 and log.startswith("train.py: error: ")
+    for words in (f"--out {out} is in use by another run", f"pid {first.popen.pid}",
+                  f"host {socket.gethostname()}", "started ", "another --out"):
+        assert words in log, words
+    first.popen.send_signal(signal.SIGTERM)  # the first run goes on, then stops as usual
+    rc, log = first.finish()
+    assert rc == 0 and "stopped at step" in log, log
+    steps = _logged_steps(out)
+    assert steps == sorted(set(steps))  # one writer: no line twice
+    assert (out / "config.json").stat().st_mtime_ns == config
+    assert not (out / ".lock").exists()
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_the_last_checkpoint_intact(tmp_path,
+                                                                            launcher):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    tmpfs = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                           capture_output=True, check=False).returncode == 0
+    try:
+        fault = "disk_full_at:8" if tmpfs else "enospc_at:8"
+        run = launcher(disk / "run", [*LONG, "--ckpt-every", "4"], fault=fault,
+                       FILL=str(disk / "filler"))
+        rc, log = run.finish()
+        assert rc == 74, log
+        _no_traceback(log)
+        error = [line for line in log.splitlines() if "error" in line]
+        expected = (f"train.py: error: cannot write checkpoint step 8 in "
+                    f"{disk / 'run' / 'checkpoints'} (no space left on the device); the last "
+                    "good checkpoint, step 4, is intact. Free space there, then run the same "
+                    "command to resume")
+        assert error == [expected], log
+        (disk / "filler").unlink(missing_ok=True)
+        with Checkpointer(disk / "run" / "checkpoints") as ckpt:
+            assert ckpt.restore(None).step == 4
+        assert not (disk / "run" / ".lock").exists()
+    finally:
+        if tmpfs:
+            subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("command, argv, target", [
+    ("sample", ["--run", "R"], "load_run"),
+    ("translate", ["--run", "R", "a b"], "load_run"),
+    ("visualize", ["positions", "--d-model", "8", "--max-len", "4", "--out", "{tmp}/p.png"],
+     "plot_positions"),
+])
+def test_read_only_commands_stop_on_ctrl_c_with_one_line(command, argv, target, tmp_path,
+                                                         monkeypatch, capsys):
+    import importlib
+
+    module = importlib.import_module(f"transformer_jax.cli.{command}")
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, target, interrupted)
+    assert module.main([a.format(tmp=tmp_path) for a in argv]) == 130
+    captured = capsys.readouterr()
+    assert captured.err == f"python -m transformer_jax.{command}: interrupted (Ctrl-C)\n"
+    assert captured.out == ""

@@ -1,6 +1,7 @@
 """Sharded training: mesh flag, the sharding table, jit/shard_map steps vs one device, FSDP
 memory, checkpoints across meshes, and a real two-process run on localhost (gloo)."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -18,6 +19,7 @@ from multihost_worker import DEVICES_PER_PROCESS, MODEL, NUM_PROCESSES, train_co
 from transformer_jax import data, models, parallel
 from transformer_jax import train as training
 from transformer_jax.config import TrainConfig
+from transformer_jax.data import prepare, prepared
 from transformer_jax.parallel import sharding
 from transformer_jax.runs.checkpoint import Checkpointer
 
@@ -206,9 +208,14 @@ def _free_port():
 
 
 @pytest.mark.slow  # two fresh Python processes: ~20 s of CPU
-def test_two_processes_match_one_process(tmp_path, devices):
+@pytest.mark.parametrize("kind", ["text", "prepared"])  # raw bytes, or memory-mapped BPE shards
+def test_two_processes_match_one_process(tmp_path, devices, kind):
     data_file = tmp_path / "corpus.txt"
     data_file.write_bytes(bytes(data.load_corpus().train[:20_000].astype(np.uint8)))
+    if kind == "prepared":
+        settings = prepare.PrepareSettings(vocab_size=512, val_tokens=2000, shard_bytes=4096)
+        prepare.prepare_dataset([data_file], tmp_path / "ds", settings, log=lambda m: None)
+        data_file = tmp_path / "ds"
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
     address = f"127.0.0.1:{_free_port()}"
@@ -233,9 +240,10 @@ def test_two_processes_match_one_process(tmp_path, devices):
 
     # The same four global batches on one device, without a restart: the pure step (no loop).
     tc = train_config(tmp_path / "one", data_file)
-    model = models.build_model("transformer", MODEL)
+    model_cfg = dataclasses.replace(MODEL, vocab_size=prepared.data_vocab_size(tc.data))
+    model = models.build_model("transformer", model_cfg)
     tx = training.make_optimizer(tc, MODEL.d_model)
-    corpus = data.load_corpus(tc.data, tc.val_fraction)
+    corpus = prepared.load_lm_data(tc.data, tc.val_fraction)
     batches = data.train_batches(corpus.train, seed=tc.seed, step=0, num_steps=4,
                                  batch_size=tc.batch_size, seq_len=tc.seq_len)
     state = training.init_state(model, tx, seed=tc.seed, seq_len=tc.seq_len)

@@ -75,3 +75,37 @@ def test_plot_loss_writes_a_png(tmp_path):
     records[-1]["val_loss"] = 0.4
     metrics.plot_loss(records, tmp_path / "loss.png", title="t")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _events(directory):
+    """Every event of the TensorBoard files in ``directory`` (TFRecord: length, crc, data, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            events.append(Event.FromString(data[at + 12:at + 12 + length]))
+            at += 12 + length + 4
+    return events
+
+
+def test_tensorboard_events_hold_the_scalars_and_a_resume_purges_later_points(tmp_path):
+    with metrics.MetricsWriter(tmp_path) as w:
+        for step in (10, 20, 30):
+            w.write({"step": step, "loss": 1.0 / step, "lr": 1e-3, "tokens_per_s": None})
+    with metrics.MetricsWriter(tmp_path, resume_step=20) as w:  # the same second: a new file
+        w.write({"step": 30, "loss": 0.5, "lr": 1e-3, "tokens_per_s": 7.0})
+    events = _events(tmp_path / "tensorboard")
+    scalars = [(e.step, v.tag, round(v.simple_value, 6)) for e in events
+               for v in e.summary.value]
+    assert scalars == [(10, "loss", 0.1), (10, "lr", 0.001), (20, "loss", 0.05), (20, "lr", 0.001),
+                       (30, "loss", round(1 / 30, 6)), (30, "lr", 0.001),
+                       (30, "loss", 0.5), (30, "lr", 0.001), (30, "tokens_per_s", 7.0)]
+    # TensorBoard drops the first run's points from step 21 on (SessionLog START at 21).
+    starts = [e.step for e in events if e.HasField("session_log")]
+    assert starts == [21]

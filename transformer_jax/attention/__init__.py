@@ -2,8 +2,12 @@
 
 softmax(Q Kᵀ · scale + bias, masked) V with the layout and arguments of
 ``jax.nn.dot_product_attention`` (``query[B, T, N, H]``, ``key``/``value[B, S, K, H]``).
-:mod:`~transformer_jax.attention.api` holds the entry points and their checks;
-:mod:`~transformer_jax.attention.kernels` the exact and blockwise implementations.
+:mod:`~transformer_jax.attention.api` holds the entry points,
+:mod:`~transformer_jax.attention.checks` their argument checks,
+:mod:`~transformer_jax.attention.dispatch` the choice of implementation (ours, or jax.nn's XLA
+and cuDNN paths), :mod:`~transformer_jax.attention.kernels` and
+:mod:`~transformer_jax.attention.blockwise` the exact and blockwise implementations, and
+:mod:`~transformer_jax.attention.flax_adapter` the kernel as Flax's ``attention_fn``.
 """
 
 from transformer_jax.attention.api import (
@@ -14,11 +18,13 @@ from transformer_jax.attention.api import (
     make_padding_mask,
     scaled_dot_product_attention,
 )
+from transformer_jax.attention.flax_adapter import flax_attention_fn
 
 __all__ = [
     "Implementation",
     "attention_weights",
     "dot_product_attention",
+    "flax_attention_fn",
     "make_causal_mask",
     "make_padding_mask",
     "scaled_dot_product_attention",

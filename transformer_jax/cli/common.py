@@ -1,17 +1,28 @@
 """Shared by the command lines (``train.py``, ``-m transformer_jax.sample``/``.visualize``).
 
 Bad input to a command line is one line on stderr that names the problem and what to do, and
-exit status 2, never a traceback or a screenful of usage.
+exit status 2, never a traceback or a screenful of usage. Ctrl-C is one line too, and exit
+status 130 (:func:`exits_on_ctrl_c`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 
-__all__ = ["ArgumentParser", "explicit_options", "plain_warnings"]
+from transformer_jax.runs import lock
+
+__all__ = ["EXIT_INTERRUPTED", "EXIT_WRITE_FAILED", "ArgumentParser", "exits_on_ctrl_c",
+           "explicit_options", "plain_warnings"]
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command ended by Ctrl-C
+EXIT_WRITE_FAILED = 74  # EX_IOERR of sysexits.h: "an error occurred while doing I/O on some file"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -37,21 +48,77 @@ def explicit_options(build: Callable[[], argparse.ArgumentParser],
     return set(vars(namespace))
 
 
+def exits_on_ctrl_c(prog: str, *, at_once: str | None = None) -> Callable:
+    """Decorator for a command's ``main``: Ctrl-C ends it with one line and exit status 130.
+
+    By default Ctrl-C raises ``KeyboardInterrupt`` as usual, so ``finally`` blocks and context
+    managers clean up (a half-written output folder, say); the decorator turns it into
+    ``prog: interrupted (Ctrl-C)`` instead of a traceback. With ``at_once=MESSAGE``, Ctrl-C
+    ends the process at once (``os._exit``) with ``prog: MESSAGE``, waiting for nothing, after
+    flushing stdout and releasing the run-directory locks this process holds: for a command
+    that handles a first Ctrl-C itself (``train.py``'s loop saves a checkpoint) and hands the
+    second one here. A SIGINT ignored from the start (a background job) stays ignored.
+    """
+    def decorate(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def wrapped(*args, **kwargs) -> int:
+            previous = None
+            if at_once is not None and threading.current_thread() is threading.main_thread() \
+                    and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                previous = signal.signal(signal.SIGINT,
+                                         lambda signum, frame: _end_now(f"{prog}: {at_once}"))
+            try:
+                return main(*args, **kwargs)
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
+                return EXIT_INTERRUPTED
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGINT, previous)
+
+        return wrapped
+
+    return decorate
+
+
+def _end_now(line: str) -> None:
+    """Flush stdout, release this process's run locks, write ``line``, exit 130: no cleanup."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, RuntimeError):  # RuntimeError: a print was interrupted
+            pass
+    lock.release_all()
+    try:
+        os.write(sys.stderr.fileno(), f"{line}\n".encode())
+    except (OSError, ValueError, AttributeError):
+        pass
+    os._exit(EXIT_INTERRUPTED)
+
+
 def plain_warnings(prog: str) -> None:
     """Print warnings as ``prog: warning: message`` (no file, line or source: not a traceback).
 
-    Also one line for "unraisable" exceptions: orbax's reader coroutines that fail on a
-    truncated checkpoint are garbage-collected with their error, which Python would print as a
-    traceback although the checkpointer has already handled it (fallback or one error).
+    Also one line for "unraisable" exceptions (each distinct one once): orbax's reader
+    coroutines that fail on a truncated checkpoint are garbage-collected with their error, which
+    Python would print as a traceback although the checkpointer has already handled it
+    (fallback or one error). ``RuntimeError: Event loop is closed`` is dropped: asyncio raises
+    it when a write that orbax gave up on (a full disk) completes after orbax closed the event
+    loop of that save, and the checkpointer reports the failure itself.
     For a command line's ``__main__`` only: it replaces the hooks globally.
     """
+    shown = set()
+
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"{prog}: warning: {message}", file=file or sys.stderr)
 
     def unraisable(info):
         first = str(info.exc_value).splitlines()[0] if str(info.exc_value) else ""
-        print(f"{prog}: warning: ignored {type(info.exc_value).__name__}: {first[:200]}",
-              file=sys.stderr)
+        text = f"{type(info.exc_value).__name__}: {first[:200]}"
+        if text in shown or text == "RuntimeError: Event loop is closed":
+            return
+        shown.add(text)
+        print(f"{prog}: warning: ignored {text}", file=sys.stderr)
 
     warnings.showwarning = show
     sys.unraisablehook = unraisable

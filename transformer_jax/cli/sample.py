@@ -2,7 +2,8 @@
 
 Reads ``DIR/config.json``, restores the newest restorable checkpoint of ``DIR/checkpoints`` and
 samples bytes with :func:`transformer_jax.decoding.generate` (KV cache; temperature, top-k,
-top-p). Bad arguments or an unusable run directory give one line on stderr and exit status 2.
+top-p). Bad arguments or an unusable run directory give one line on stderr and exit status 2;
+Ctrl-C one line and exit status 130.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.exits_on_ctrl_c("python -m transformer_jax.sample")
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status."""
     parser = _parser()
@@ -56,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = decoding.sample_text(run.model, run.params, args.prompt,
                                     max_new_tokens=args.max_new_tokens,
                                     context=run.train_cfg.seq_len, temperature=args.temperature,
-                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                    tokenizer=run.tokenizer)
     except (CheckpointError, ValueError) as e:  # RunConfigError is a ValueError
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     step = run.step

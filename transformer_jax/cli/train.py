@@ -7,7 +7,11 @@ sequence-to-sequence task instead, with the paper's recipe ("cpu-seq2seq" preset
 :data:`transformer_jax.train.seq2seq.TRAIN_DEFAULTS`; ``--task translate --help`` shows them), and
 evaluates the test split with greedy and beam search at the end.
 Re-running a command with the same ``--out`` resumes from the run's latest checkpoint.
-Exit status: 0 done (or stopped by SIGTERM with a checkpoint), 1 training diverged, 2 bad input.
+Exit status: 0 done (or stopped by SIGTERM with a checkpoint), 1 training diverged, 2 bad input
+(or ``--out`` in use by another run), 74 a checkpoint or ``metrics.jsonl`` could not be written
+(full disk, no permission, read-only filesystem; the last good checkpoint is intact), 130
+stopped by Ctrl-C (the first Ctrl-C saves a checkpoint at the end of the step in progress; a
+second one stops at once without saving).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Sequence
 
 from transformer_jax.cli import common as cli
 from transformer_jax.config import PRESETS, ModelConfig, TrainConfig
+from transformer_jax.data.prepared import data_vocab_size, is_prepared
 from transformer_jax.data.seq2seq_tasks import get_task
 from transformer_jax.parallel import distributed
 from transformer_jax.runs.checkpoint import CheckpointError
@@ -38,7 +43,10 @@ _FLAGS = {"num_decoder_layers": "--layers", "d_model": "--d-model", "num_heads":
           "label_smoothing": "--label-smoothing", "seed": "--seed", "log_every": "--log-every",
           "eval_every": "--eval-every", "ckpt_every": "--ckpt-every",
           "steps_per_call": "--steps-per-call", "sample_tokens": "--sample-tokens",
-          "average_last": "--average-last", "max_nonfinite": "--max-nonfinite"}
+          "average_last": "--average-last", "max_nonfinite": "--max-nonfinite",
+          "norm_type": "--norm-type", "qk_norm": "--qk-norm", "use_bias": "--bias",
+          "share_embeddings": "--tie-embeddings", "attention_impl": "--attention-impl",
+          "scan_layers": "--scan-layers", "z_loss": "--z-loss"}
 
 # (option given, condition on the other flags, why it has no effect): refused, not ignored.
 _CONFLICTS = (
@@ -96,6 +104,9 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
                     "--out resumes from the latest checkpoint.",
         formatter_class=_HelpFormatter)
     _model_flags(p.add_argument_group("model"), d, task)
+    _architecture_flags(p.add_argument_group(
+        "architecture and scale (default: the preset's; modern-lm and cpu-modern set the "
+        "modern options)"))
     _data_flags(p.add_argument_group("data"), d)
     _optimization_flags(p.add_argument_group("optimization"), d)
     _run_flags(p.add_argument_group("run"), d)
@@ -126,11 +137,39 @@ def _model_flags(g, d: TrainConfig, task: str) -> None:
                    help="compute dtype; parameters stay float32 (default: the preset's)")
 
 
+def _architecture_flags(g) -> None:
+    """The layers' options (the paper's defaults vs the modern LM's) and memory/compile time."""
+    model = typing.get_type_hints(ModelConfig)
+    for flag, field, text in (
+            ("--norm", "norm", "post: LayerNorm(x + f(x)) as in §3.1; pre: x + f(LayerNorm(x))"),
+            ("--norm-type", "norm_type", "layernorm (§3.1) or rmsnorm (Zhang & Sennrich 2019)"),
+            ("--positions", "positions", "sinusoidal (§3.5), learned, or rope (rotary, Su et "
+                                         "al. 2021)"),
+            ("--activation", "activation", "feed-forward: relu (§3.3), gelu, or swiglu "
+                                           "(Shazeer 2020)"),
+            ("--attention-impl", "attention_impl", "the attention kernel's implementation"),
+            ("--remat", "remat", "rematerialise each block in the backward pass: block keeps "
+                                 "only its input, dots also the weight matmuls' outputs")):
+        g.add_argument(flag, choices=typing.get_args(model[field]), help=text)
+    g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction,
+                   help="RMS-normalise queries and keys per head (Dehghani et al. 2023)")
+    g.add_argument("--bias", action=argparse.BooleanOptionalAction,
+                   help="biases in projections and LayerNorms (the paper's; off in modern LMs)")
+    g.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction,
+                   help="output projection tied to the input embedding (§3.4)")
+    g.add_argument("--scan-layers", action=argparse.BooleanOptionalAction,
+                   help="run each stack of blocks as one nn.scan: compile time independent of "
+                        "depth; parameters get a leading layer axis (checkpoints of the other "
+                        "layout are refused)")
+
+
 def _data_flags(g, d: TrainConfig) -> None:
     """--data and the batch shape."""
     g.add_argument("--data", nargs="+", metavar="PATH", default=None,
-                   help="text files or folders (default: the embedded pydoc_data corpus); the "
-                        "last 10%% of each file's bytes is the validation split")
+                   help="text files or folders (default: the embedded pydoc_data corpus; the "
+                        "last 10%% of each file's bytes is the validation split), or one "
+                        "dataset folder written by python -m transformer_jax.prepare (its "
+                        "tokenizer sets the vocabulary)")
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence T")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="global batch (sequences per optimizer step, all devices together)")
@@ -154,6 +193,8 @@ def _optimization_flags(g, d: TrainConfig) -> None:
                    help="gradient-accumulation micro-batches per step")
     g.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
                    help="label smoothing of the training loss (§5.4 uses 0.1)")
+    g.add_argument("--z-loss", type=float, default=d.z_loss, metavar="C",
+                   help="add C·log(Z)² per target to the training loss (PaLM uses 1e-4)")
     g.add_argument("--max-nonfinite", type=int, default=d.max_nonfinite, metavar="N",
                    help="stop after N consecutive steps with a non-finite loss or gradients "
                         "(each is skipped; exit status 1)")
@@ -205,13 +246,18 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
     base = PRESETS[args.preset]
     overrides = {"num_decoder_layers": args.layers, "d_model": args.d_model,
                  "num_heads": args.heads, "d_ff": args.d_ff, "dropout_rate": args.dropout,
-                 "dtype": args.dtype}
+                 "dtype": args.dtype, "norm": args.norm, "norm_type": args.norm_type,
+                 "positions": args.positions, "activation": args.activation,
+                 "qk_norm": args.qk_norm, "use_bias": args.bias,
+                 "share_embeddings": args.tie_embeddings, "attention_impl": args.attention_impl,
+                 "remat": args.remat, "scan_layers": args.scan_layers}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "num_heads" in overrides:  # keep the preset's multi-head (not grouped) attention
         overrides["num_kv_heads"] = overrides["num_heads"]
     if args.task == "lm":
         model_cfg = dataclasses.replace(
-            base, vocab_size=256, max_len=max(base.max_len, args.seq_len), **overrides)
+            base, vocab_size=data_vocab_size(args.data or ()),
+            max_len=max(base.max_len, args.seq_len), **overrides)
         name = args.preset
     else:
         if "num_decoder_layers" in overrides:  # --layers sets both stacks (6 and 6 in §3.1)
@@ -220,10 +266,14 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
                                         **overrides)
         name = args.task if args.preset == "cpu-seq2seq" else f"{args.task}-{args.preset}"
     short = {"num_decoder_layers": "L", "d_model": "D", "num_heads": "N", "d_ff": "F",
-             "dropout_rate": "drop", "dtype": ""}
-    for key, tag in short.items():
+             "dropout_rate": "drop", "dtype": "", "norm": "", "norm_type": "", "positions": "",
+             "activation": "", "qk_norm": "qknorm", "use_bias": "bias",
+             "share_embeddings": "tied", "scan_layers": "scan"}
+    for key, tag in short.items():  # remat and attention_impl change no parameter: same run
         if key in overrides:
-            name += f"-{tag}{overrides[key]}"
+            value = overrides[key]
+            name += (f"-{tag}{value}" if not isinstance(value, bool) else
+                     f"-{tag}" if value else f"-no{tag}")
     if args.model != "transformer":
         name += f"-{args.model}"
     train_cfg = TrainConfig(
@@ -237,10 +287,12 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         sample_tokens=args.sample_tokens, sample_prompt=args.prompt, task=args.task,
         average_last=args.average_last,
         max_to_keep=max(_DEFAULTS.max_to_keep, args.average_last),
-        max_nonfinite=args.max_nonfinite)
+        max_nonfinite=args.max_nonfinite, z_loss=args.z_loss)
     return model_cfg, train_cfg
 
 
+@cli.exits_on_ctrl_c("train.py", at_once="stopped at once by Ctrl-C, without saving; the "
+                     "checkpoints saved before are intact: run the same command to resume")
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, train, print where everything went; returns the exit status."""
     parser = build_parser(_task_of(argv))
@@ -264,8 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except loop.NonFiniteError as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 1
+    except loop.OutputError as e:  # a checkpoint or metrics.jsonl that cannot be written
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return cli.EXIT_WRITE_FAILED
     if result.interrupted or not distributed.is_lead():  # the loop said where it saved
-        return 0
+        return cli.EXIT_INTERRUPTED if result.stopped_by == "SIGINT" else 0
     _report(result, train_cfg)
     return 0
 
@@ -276,7 +331,10 @@ def _report(r: loop.RunResult, train_cfg: TrainConfig) -> None:
     speed = (f"{r.tokens_per_s:,.0f} tokens/s (median), MFU {100 * r.mfu:.1f}%"
              if math.isfinite(r.tokens_per_s) else "too few steps after compilation to time")
     unit = "byte" if train_cfg.task == "lm" else "token"
-    print(f"step {r.step}: val_loss {r.val_loss:.4f} nats/{unit} ({r.val_bpb:.3f} bits/{unit}); "
+    per = unit  # val_bpb is bits per byte of text for any language model
+    if train_cfg.task == "lm" and len(train_cfg.data) == 1 and is_prepared(train_cfg.data[0]):
+        unit = "token"
+    print(f"step {r.step}: val_loss {r.val_loss:.4f} nats/{unit} ({r.val_bpb:.3f} bits/{per}); "
           f"{speed}; wall {int(minutes)}m{seconds:04.1f}s")
     if r.evaluation:
         e = r.evaluation
@@ -285,9 +343,8 @@ def _report(r: loop.RunResult, train_cfg: TrainConfig) -> None:
               f"beam {e['test_bleu_beam']:.2f}")
     if r.sample:
         print(f"sample (prompt {train_cfg.sample_prompt!r}):\n{r.sample}\n")
-    written = ["config.json", "metrics.jsonl", "tensorboard/", "checkpoints/", "loss.png"]
-    if (r.out / "samples.txt").exists():
-        written.insert(-1, "samples.txt")
+    written = [name for name in ("config.json", "metrics.jsonl", "tensorboard/", "checkpoints/",
+                                 "samples.txt", "loss.png") if (r.out / name).exists()]
     print(f"wrote {r.out.resolve()}/: {', '.join(written)}")
 
 

@@ -4,7 +4,7 @@ Reads ``DIR/config.json`` of a ``train.py --task ...`` run, restores its newest 
 the mean of the last ``--average-last`` ones, §6.1) and decodes each sentence with beam search
 (beam 4, α = 0.6, §6.1) or ``--greedy``. Words are separated by spaces, as the task writes them
 (``"3 4 + 1 9"`` for addition). A missing run, a language-model run, or a word outside the task's
-vocabulary gives one line on stderr and exit status 2.
+vocabulary gives one line on stderr and exit status 2; Ctrl-C one line and exit status 130.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from transformer_jax import decoding
-from transformer_jax.cli.common import ArgumentParser
+from transformer_jax.cli.common import ArgumentParser, exits_on_ctrl_c
 from transformer_jax.runs.checkpoint import CheckpointError
 from transformer_jax.runs.load import load_run
 
@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@exits_on_ctrl_c("python -m transformer_jax.translate")
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status."""
     parser = _parser()

@@ -11,7 +11,7 @@
 columns). For an encoder–decoder run (``train.py --task ...``), ``--src``/``--tgt`` give the
 sentence pair (``--tgt`` defaults to the model's own beam-search translation) and ``--kind``
 picks encoder self-, decoder self- or cross-attention (the default); ``--layer`` counts layers
-of that kind. Errors exit with status 2 and one line.
+of that kind. Errors exit with status 2 and one line; Ctrl-C with 130 and one line.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import numpy as np
 
 from transformer_jax import decoding
 from transformer_jax.cli import common as cli
-from transformer_jax.data import ByteTokenizer
 from transformer_jax.data.seq2seq_tasks import BOS
 from transformer_jax.models import sinusoidal_positions
 from transformer_jax.runs.checkpoint import CheckpointError
@@ -248,7 +247,7 @@ def _attention_command(args) -> str:
                              "attention")
     if args.text is None:
         raise VisualizeError("--text is required for a language-model run")
-    tok, cfg = ByteTokenizer(), loaded.model_cfg
+    tok, cfg = loaded.tokenizer, loaded.model_cfg
     ids = tok.encode(args.text)
     if not 1 <= len(ids) <= min(cfg.max_len, _MAX_TOKENS):
         raise VisualizeError(f"--text is {len(ids)} tokens; it must be 1 to "
@@ -289,6 +288,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.exits_on_ctrl_c("python -m transformer_jax.visualize")
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:

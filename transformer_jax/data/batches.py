@@ -26,11 +26,11 @@ IGNORE = -1
 _DATA_STREAM = 0x64617461  # "data"
 
 
-def check_length(tokens: np.ndarray, seq_len: int, split: str) -> None:
+def check_length(tokens: np.ndarray, seq_len: int, split: str, unit: str = "bytes") -> None:
     """Raise :class:`DataError` unless ``tokens`` holds at least one window of ``seq_len + 1``."""
     if len(tokens) < seq_len + 1:
         raise DataError(
-            f"the {split} split has {len(tokens)} bytes, fewer than seq_len + 1 = {seq_len + 1}; "
+            f"the {split} split has {len(tokens)} {unit}, fewer than seq_len + 1 = {seq_len + 1}; "
             "use more data or a shorter --seq-len"
         )
 
@@ -81,7 +81,8 @@ def eval_batches(tokens: np.ndarray, *, batch_size: int, seq_len: int,
     influences a real prediction; the steps feed ``max(input, 0)`` to the model.
 
     Args:
-      tokens: [n] token ids.
+      tokens: [n] token ids (an array, or anything indexable by a slice such as
+        :class:`~transformer_jax.data.prepared.ShardedTokens`: only one batch is read at a time).
       batch_size: B of each yielded batch.
       seq_len: T.
       max_windows: evaluate only the first this many windows (``None``: all).
@@ -93,13 +94,14 @@ def eval_batches(tokens: np.ndarray, *, batch_size: int, seq_len: int,
     n_win = num_eval_windows(len(tokens), seq_len)
     if max_windows is not None:
         n_win = min(n_win, max_windows)
-    padded = np.full(n_win * seq_len + 1, IGNORE, np.int32)
-    used = min(len(tokens), len(padded))
-    padded[:used] = tokens[:used]
-    starts = np.arange(n_win) * seq_len
-    windows = padded[starts[:, None] + np.arange(seq_len + 1)]  # [n_win, T + 1]
-    for b0 in range(0, n_win, batch_size):
+    end = min(len(tokens), n_win * seq_len + 1)  # one past the last token any window holds
+    cols = np.arange(seq_len + 1)
+    for b0 in range(0, n_win, batch_size):  # one batch of tokens in memory at a time
+        rows = min(batch_size, n_win - b0)
+        lo = b0 * seq_len
+        part = np.full(rows * seq_len + 1, IGNORE, np.int32)
+        real = np.asarray(tokens[lo:min(end, lo + rows * seq_len + 1)])
+        part[: len(real)] = real
         batch = np.full((batch_size, seq_len + 1), IGNORE, np.int32)
-        part = windows[b0:b0 + batch_size]
-        batch[: len(part)] = part
+        batch[:rows] = part[np.arange(rows)[:, None] * seq_len + cols]
         yield batch

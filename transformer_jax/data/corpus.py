@@ -16,7 +16,8 @@ import numpy as np
 
 from transformer_jax.data.tokenizer import ByteTokenizer
 
-__all__ = ["Corpus", "DataError", "check_text", "embedded_corpus_text", "load_corpus"]
+__all__ = ["Corpus", "DataError", "check_text", "embedded_corpus_text", "expand_paths",
+           "load_corpus"]
 
 
 class DataError(ValueError):
@@ -57,8 +58,11 @@ def _split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndar
     return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
 
 
-def _expand(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files named directly, then every non-hidden file under each folder, in sorted order."""
+def expand_paths(paths: Sequence[str | os.PathLike], what: str = "--data") -> list[Path]:
+    """Files named directly, then every non-hidden file under each folder, in sorted order.
+
+    ``what`` names the paths in error messages ("--data", "source").
+    """
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -70,10 +74,10 @@ def _expand(paths: Sequence[str | os.PathLike]) -> list[Path]:
                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             if not found:
-                raise DataError(f"--data folder {str(raw)!r} contains no files")
+                raise DataError(f"{what} folder {str(raw)!r} contains no files")
             files.extend(found)
         else:
-            raise DataError(f"--data path {str(raw)!r} does not exist")
+            raise DataError(f"{what} path {str(raw)!r} does not exist")
     return files
 
 
@@ -101,7 +105,7 @@ def load_corpus(paths: Sequence[str | os.PathLike] = (), val_fraction: float = 0
     if not paths:
         train, val = _split(tok.encode(embedded_corpus_text()), val_fraction)
         return Corpus(train=train, val=val, name="pydoc_data.topics")
-    files = _expand(paths)
+    files = expand_paths(paths)
     trains, vals = [], []
     for f in files:
         try:

@@ -140,29 +140,32 @@ def generate(model, params, prompt, max_new_tokens: int, *, rng, temperature: fl
 
 def sample_text(model: Any, params: Any, prompt: str, *, max_new_tokens: int,
                 context: int | None = None, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, seed: int = 0, device: Any = None) -> str:
-    """Continue ``prompt`` by ``max_new_tokens`` bytes; returns prompt + continuation as text.
+                top_p: float | None = None, seed: int = 0, device: Any = None,
+                tokenizer: Any = None) -> str:
+    """Continue ``prompt`` by ``max_new_tokens`` tokens; returns prompt + continuation as text.
 
     A Transformer only ever sees positions it was trained on: generation runs in windows of at
     most ``context`` positions (the training ``seq_len``), each new window starting from the
-    last ``context // 2`` bytes so far (at most two compilations: the first window and the
+    last ``context // 2`` tokens so far (at most two compilations: the first window and the
     rest). A model without a context limit (the recurrent baselines) runs in one pass.
 
     Args:
-      model: a byte-level language model with ``init_decoding`` and ``context_limit``.
+      model: a language model with ``init_decoding`` and ``context_limit``.
       params: its parameters.
-      prompt: the text to continue (UTF-8 bytes; an empty prompt starts from a newline).
-      max_new_tokens: bytes to generate (>= 1).
+      prompt: the text to continue (an empty prompt starts from a newline).
+      max_new_tokens: tokens to generate (>= 1).
       context: positions per window (default and upper bound: the model's context limit).
       temperature: softmax temperature (> 0).
-      top_k: sample among the k most likely bytes only.
-      top_p: nucleus sampling: the smallest set of bytes with probability >= p.
+      top_k: sample among the k most likely tokens only.
+      top_p: nucleus sampling: the smallest set of tokens with probability >= p.
       seed: the sampling seed (key ``fold_in(PRNGKey(seed), 2)``: the "sampling" purpose).
       device: where to run (default: JAX's default device).
+      tokenizer: encodes the prompt and decodes the result (default: bytes,
+        :class:`~transformer_jax.data.ByteTokenizer`; a run's own is ``load_run(...).tokenizer``).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    tok = ByteTokenizer()
+    tok = ByteTokenizer() if tokenizer is None else tokenizer
     ids = [int(i) for i in (tok.encode(prompt) if prompt else tok.encode("\n"))]
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), 2)
     kw = {"temperature": temperature, "top_k": top_k, "top_p": top_p}

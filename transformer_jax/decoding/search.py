@@ -88,14 +88,6 @@ def _length_penalty(length, alpha: float):
     return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
 
-def _reorder(dec, batch_size: int, beams):
-    """Gather the decoding-state rows of the chosen beams [B, W] (flat batch index b·W + w)."""
-    W = beams.shape[1]
-    rows = (jnp.arange(batch_size)[:, None] * W + beams).reshape(-1)
-    return jax.tree_util.tree_map(
-        lambda x: x[rows] if x.ndim and x.shape[0] == batch_size * W else x, dec)
-
-
 @functools.partial(jax.jit, static_argnames=("model", "beam_size", "alpha", "max_len"))
 def _beam(model, params, src, *, beam_size, alpha, max_len):
     cfg, W, L = model.cfg, beam_size, max_len
@@ -132,9 +124,10 @@ def _beam(model, params, src, *, beam_size, alpha, max_len):
         # The W best candidates that did not end stay alive.
         live_lp, pick = jax.lax.top_k(jnp.where(is_eos, neg_inf, cand_lp), W)
         live = jnp.take_along_axis(seqs, pick[:, :, None], axis=1)
-        dec = _reorder(dec, B, jnp.take_along_axis(beam, pick, axis=1))
+        # The state rows of the chosen hypotheses [B, W] (flat index b·W + w).
+        rows = (jnp.arange(B)[:, None] * W + jnp.take_along_axis(beam, pick, axis=1)).reshape(-1)
         tok = jnp.take_along_axis(tok, pick, axis=1).reshape(B * W, 1)
-        logits, dec = step(tok, dec)
+        logits, dec = step(tok, dec, rows)
         return i + 1, live, live_lp, fin, fin_scores, logits, dec
 
     state = (jnp.int32(0), live, live_lp, fin, fin_scores, logits, dec)

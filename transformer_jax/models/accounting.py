@@ -38,23 +38,24 @@ def num_params(cfg: ModelConfig, kind: ModelKind = "encoder_decoder") -> int:
         (:class:`~transformer_jax.models.TransformerLM`).
     """
     D, F, V, H = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.head_dim
-    q = D * cfg.num_heads * H + cfg.num_heads * H
-    kv = 2 * (D * cfg.num_kv_heads * H + cfg.num_kv_heads * H)
-    attn = q + kv + cfg.num_heads * H * D + D
-    ffn = D * F + F + F * D + D
-    ln = 2 * D
+    N, K, b = cfg.num_heads, cfg.num_kv_heads, int(cfg.use_bias)
+    # q, k, v and out projections (with biases), and QK-norm's two scales of H.
+    attn = (N + 2 * K) * H * (D + b) + N * H * D + b * D + (2 * H if cfg.qk_norm else 0)
+    matrices = 3 if cfg.activation == "swiglu" else 2  # SwiGLU adds the gate W_g
+    ffn = (matrices - 1) * (D * F + b * F) + F * D + b * D
+    ln = D * (1 + (b if cfg.norm_type == "layernorm" else 0))  # scale (+ bias)
     enc_layer = attn + ffn + 2 * ln
     dec_layer = 2 * attn + ffn + 3 * ln
-    final_ln = ln if cfg.norm == "pre" else 0  # pre-LN ends each stack with a LayerNorm
+    final_ln = ln if cfg.norm == "pre" else 0  # pre-LN ends each stack with a norm
     pos = cfg.max_len * D if cfg.positions == "learned" else 0
     if kind == "lm":
-        embed = V * D + (0 if cfg.share_embeddings else D * V + V)
+        embed = V * D + (0 if cfg.share_embeddings else D * V + b * V)
         # An LM block is an encoder block: causal self-attention and a feed-forward network.
         return embed + pos + cfg.num_decoder_layers * enc_layer + final_ln
     if kind != "encoder_decoder":
         raise ValueError(f"kind must be 'encoder_decoder' or 'lm', got {kind!r}")
     # Unshared: separate source and target embeddings plus an output projection with bias.
-    embed = V * D if cfg.share_embeddings else 2 * V * D + D * V + V
+    embed = V * D if cfg.share_embeddings else 2 * V * D + D * V + b * V
     return (embed + pos + cfg.num_encoder_layers * enc_layer
             + cfg.num_decoder_layers * dec_layer + 2 * final_ln)
 

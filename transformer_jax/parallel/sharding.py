@@ -77,6 +77,9 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(^|/)wi/kernel$", (FSDP, TENSOR)),
     (r"(^|/)wi/bias$", (TENSOR,)),
     (r"(^|/)wo/kernel$", (TENSOR, FSDP)),
+    # SwiGLU's gate wg [D, F] is split like wi.
+    (r"(^|/)wg/kernel$", (FSDP, TENSOR)),
+    (r"(^|/)wg/bias$", (TENSOR,)),
     # Embeddings embed/embedding [V, D] (tied output projection) and positions/pos_embed
     # [max_len, D] split along D (V = 50257 or 37000 rarely divides), unembed/kernel [D, V],
     # and any other matrix (the LSTM/GRU gates): FSDP only.
@@ -170,8 +173,16 @@ def path_name(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
+SCANNED = r"(^|/)(layers|encoders|decoders)/block/"
+"""Parameters of a scanned stack of blocks (``ModelConfig.scan_layers``): their first axis is
+the layer axis L, never split; the rule of the block's parameter applies to the rest."""
+
+
 def spec_for(name: str, shape: Sequence[int], mesh_shape: dict[str, int]) -> PartitionSpec:
     """The :data:`PARAM_RULES` spec of parameter ``name`` with ``shape`` on a mesh of that shape."""
+    if re.search(SCANNED, name) and len(shape) > 0:
+        return PartitionSpec(None, *spec_for(re.sub(SCANNED, r"\1", name), shape[1:],
+                                              mesh_shape))
     for pattern, axes in PARAM_RULES:
         if re.search(pattern, name):
             break

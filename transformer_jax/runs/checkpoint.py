@@ -14,11 +14,22 @@ Reliability (as orbax-checkpoint 0.12.8 behaves):
   The bad folder is renamed ``<step>.unrestorable``, so the run can save that step again.
 * ``sys.exit`` right after an async save would lose it: use the checkpointer as a context
   manager (or call :meth:`Checkpointer.close` in a ``finally``).
+* A save that cannot be written (full disk, no permission, read-only filesystem) fails in
+  orbax's background threads; it surfaces at the next :meth:`~Checkpointer.save`,
+  :meth:`~Checkpointer.wait` or :meth:`~Checkpointer.close` as one
+  :class:`CheckpointWriteError` naming the step, the cause and the last good step, which stays
+  intact (the half-written step is a temporary folder, ignored like a killed save). The
+  tracebacks orbax logs from those threads (absl logging) are kept off the terminal while the
+  checkpointer is open.
+* Only a writer (``cleanup_tmp=True``: the training loop, holding the run's lock) removes
+  temporary folders; a reader opened while a run is saving must not delete the save in flight.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -29,23 +40,51 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["CheckpointError", "Checkpointer", "Restored", "average_trees"]
+from transformer_jax.runs.rundir import OutputError, why_not_written
+
+__all__ = ["CheckpointError", "CheckpointWriteError", "Checkpointer", "Restored", "average_trees"]
 
 
 class CheckpointError(RuntimeError):
     """No checkpoint of a run directory can be restored."""
 
 
+class CheckpointWriteError(OutputError):
+    """A checkpoint could not be written (the message names the step, the cause, what to do)."""
+
+
+class _OrbaxErrors(logging.Filter):
+    """Drops orbax's error records (tracebacks logged from its save threads) and keeps the last
+    message: the same failure reaches the caller as one :class:`CheckpointWriteError`."""
+
+    def __init__(self):
+        super().__init__()
+        self.last: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+            self.last = record.getMessage().splitlines()[0][:300]
+            return False
+        return True
+
+
 class IncompatibleCheckpoint(ValueError):
     """A checkpoint's metadata differs from what the caller expects (another model)."""
 
 
-def _check_meta(meta: dict[str, Any] | None, expect: dict[str, Any]) -> None:
-    """Raise :class:`IncompatibleCheckpoint` naming the fields where ``meta`` differs."""
+def _check_meta(meta: dict[str, Any] | None, expect: dict[str, Any],
+                normalize: dict[str, Callable[[Any], Any]] | None = None) -> None:
+    """Raise :class:`IncompatibleCheckpoint` naming the fields where ``meta`` differs.
+
+    ``normalize[key]``, where given, is applied to the saved ``meta[key]`` before comparing
+    (e.g. to fill in fields that an older version did not write).
+    """
     meta = meta or {}
     diffs = []
     for key, want in expect.items():
         got = meta.get(key)
+        if normalize and key in normalize and got is not None:
+            got = normalize[key](got)
         if isinstance(want, dict) and isinstance(got, dict):
             diffs += [f"{k}: saved {got.get(k)!r}, expected {v!r}"
                       for k, v in want.items() if got.get(k) != v]
@@ -81,16 +120,21 @@ class Checkpointer:
       directory: where the step folders live (created if missing).
       max_to_keep: keep only the newest this many checkpoints (older ones are deleted).
       async_save: write in a background thread (the host copy is still made synchronously).
+      cleanup_tmp: remove the temporary folders of saves that were killed; only for the run's
+        writer (another process may be saving into them right now).
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
-                 async_save: bool = True):
+                 async_save: bool = True, cleanup_tmp: bool = False):
         self.directory = Path(directory).absolute()
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # leftovers of a save that was killed
+            cleanup_tmp_directories=cleanup_tmp,
         )
+        self._pending: int | None = None  # the step whose save may still be running
+        self._errors = _OrbaxErrors()
+        logging.getLogger("absl").addFilter(self._errors)  # orbax logs through absl
         self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     # ---- queries ------------------------------------------------------------------------
@@ -118,22 +162,28 @@ class Checkpointer:
         """
         if step in self.all_steps():
             return False
+        self.wait()  # an earlier save that failed is reported here, under its own step
         # A copy the caller's donated buffers cannot touch.
         host_state = jax.tree.map(
             lambda x: x if isinstance(x, jax.Array) and not x.is_fully_addressable
             else jax.device_get(x), state)
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(host_state),
-                meta=ocp.args.JsonSave(dict(meta or {})),
-            ),
-            force=True,  # we decide when to save; bypass the manager's interval policy
-        )
+        self._pending = step
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(host_state),
+                    meta=ocp.args.JsonSave(dict(meta or {})),
+                ),
+                force=True,  # we decide when to save; bypass the manager's interval policy
+            )
+        except Exception as e:  # noqa: BLE001 - whatever orbax raised, this step is not saved
+            raise self._write_failed(e) from None
         return True
 
     def restore(self, abstract_state: Any = None, *, step: int | None = None,
-                expect: dict[str, Any] | None = None, set_aside: bool = True) -> Restored | None:
+                expect: dict[str, Any] | None = None, set_aside: bool = True,
+                normalize: dict[str, Callable[[Any], Any]] | None = None) -> Restored | None:
         """Restore the newest restorable checkpoint (or exactly ``step``).
 
         Args:
@@ -144,6 +194,7 @@ class Checkpointer:
           step: restore this step only (no fallback); ``None``: the newest that restores.
           expect: entries the checkpoint's ``meta`` must hold (e.g. ``{"model": config}``); a
             step whose meta differs counts as unrestorable, and the message names the fields.
+          normalize: per key of ``expect``, a function applied to the saved value first.
           set_aside: rename unrestorable newer steps to ``<step>.unrestorable`` after a
             fallback (so training can save them again); readers pass ``False``.
 
@@ -162,7 +213,8 @@ class Checkpointer:
             try:
                 if expect:
                     _check_meta(self._manager.restore(
-                        s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta, expect)
+                        s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta, expect,
+                        normalize)
                 restored = self._manager.restore(
                     s,
                     args=ocp.args.Composite(
@@ -237,21 +289,55 @@ class Checkpointer:
     # ---- lifetime -----------------------------------------------------------------------
 
     def wait(self) -> None:
-        """Block until background saves have finished."""
-        self._manager.wait_until_finished()
+        """Block until background saves have finished.
 
-    def close(self) -> None:
-        """Finish pending saves and release the manager."""
+        Raises:
+          CheckpointWriteError: the save in flight could not be written.
+        """
         try:
             self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax re-raises what its threads raised
+            raise self._write_failed(e) from None
+        step, self._pending = self._pending, None
+        if step is not None and jax.process_index() == 0 and not (
+                self.directory / str(step)).is_dir():  # orbax logged the error, raised none
+            raise self._write_failed(RuntimeError(self._errors.last or "not finalized"), step)
+
+    def _write_failed(self, error: Exception, step: int | None = None) -> CheckpointWriteError:
+        """The one-line error for the failed save of ``step`` (default: the pending one)."""
+        step = self._pending if step is None else step
+        self._pending, self._errors.last = None, None
+        why, todo = why_not_written(error)
+        good = [s for s in self.all_steps() if step is None or s < step]
+        kept = (f"the last good checkpoint, step {good[-1]}, is intact" if good else
+                "no earlier checkpoint exists")
+        return CheckpointWriteError(
+            f"cannot write checkpoint step {step} in {self.directory} ({why}); {kept}. "
+            f"{todo[0].upper()}{todo[1:]}, then run the same command to resume")
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager.
+
+        Raises:
+          CheckpointWriteError: the save in flight could not be written.
+        """
+        try:
+            self.wait()
         finally:
-            self._manager.close()
+            try:
+                self._manager.close()
+            finally:
+                logging.getLogger("absl").removeFilter(self._errors)
 
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        with contextlib.suppress(Exception):  # the error in flight is the one to report
+            self.close()
 
 
 def average_trees(trees: list[Any]) -> Any:

@@ -1,8 +1,11 @@
 """What a training run reports: JSONL + TensorBoard writers, the peak FLOP/s for MFU, the loss plot.
 
 * :class:`MetricsWriter` appends one JSON object per event to ``metrics.jsonl`` (always) and the
-  same scalars to TensorBoard event files through ``tensorboardX`` (which, unlike
-  ``clu.metric_writers`` and ``flax.metrics.tensorboard``, never imports TensorFlow).
+  same scalars to TensorBoard event files in ``tensorboardX``'s format (which, unlike
+  ``clu.metric_writers`` and ``flax.metrics.tensorboard``, never imports TensorFlow). A
+  ``metrics.jsonl`` that cannot be written is an :class:`~transformer_jax.runs.rundir.OutputError`
+  (the run's record would have a hole); TensorBoard events that cannot be written are one
+  warning, and the run goes on without them.
 * :func:`peak_flops`: the device's peak. Accelerators from :data:`PEAK_FLOPS` (dense bf16
   numbers from the vendors' data sheets); on a CPU, a large float32 matmul measured once
   (:func:`cpu_matmul_probe`): the honest "peak" of a CPU, whose vendor figure no float32
@@ -13,14 +16,19 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
+import os
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
+
+from transformer_jax.runs.rundir import OutputError, why_not_written, write_text_atomic
 
 __all__ = [
     "METRIC_KEYS",
@@ -112,38 +120,53 @@ class MetricsWriter:
       resume_step: when resuming from a checkpoint at this step, JSONL lines (and TensorBoard
         points) from later steps — written by the interrupted run after its last checkpoint —
         are dropped, so the log reads like one uninterrupted run.
+
+    Raises:
+      transformer_jax.runs.rundir.OutputError: ``metrics.jsonl`` cannot be written (here or in
+        :meth:`write`); a resumed log is rewritten atomically, so it is never left half-cut.
     """
 
     def __init__(self, out_dir: str | Path, *, tensorboard: bool = True,
                  resume_step: int | None = None):
         self.path = Path(out_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        elif resume_step is None:
-            self.path.write_text("")
-        self._file = self.path.open("a")
-        self._tb = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and self.path.exists():
+                kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+                write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            elif resume_step is None:
+                write_text_atomic(self.path, "")
+            self._file = self.path.open("a")
+        except OSError as e:
+            raise self._failed(e) from None
+        self._tb = (_EventFile(Path(out_dir) / "tensorboard",
+                               None if resume_step is None else resume_step + 1)
+                    if tensorboard else None)
 
-            self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"),
-                                     purge_step=None if resume_step is None else resume_step + 1)
+    def _failed(self, error: OSError) -> OutputError:
+        why, todo = why_not_written(error)
+        return OutputError(f"cannot write {self.path} ({why}); {todo}, then run the same "
+                           "command to resume from the last checkpoint")
 
     def write(self, record: dict[str, Any]) -> None:
         """Write one event; ``record["step"]`` is the x axis."""
         record = {k: _clean(v) for k, v in record.items()}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise self._failed(e) from None
         if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, value, record["step"])
+            self._tb.write(record["step"], {k: v for k, v in record.items() if k != "step" and
+                                            isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     def close(self) -> None:
-        """Flush and close both writers."""
-        self._file.close()
+        """Flush and close both writers (a failure here is a warning: every line was flushed)."""
+        try:
+            self._file.close()
+        except OSError as e:
+            warnings.warn(f"cannot close {self.path} ({why_not_written(e)[0]})", RuntimeWarning,
+                          stacklevel=2)
         if self._tb is not None:
             self._tb.close()
 
@@ -152,6 +175,75 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_EVENT_FILES = itertools.count()  # numbers this process's event files
+
+
+class _EventFile:
+    """TensorBoard scalars in tensorboardX's event-file format, written on the caller's thread.
+
+    ``tensorboardX.SummaryWriter`` writes from a background thread: a failed write kills that
+    thread with a traceback, and its bounded queue then blocks the training loop's next
+    ``add_scalar`` for good. Here a failed write is one warning, and later events are dropped.
+    """
+
+    FLUSH_S = 30.0  # at most this long between flushes (TensorBoard reads the file live)
+
+    def __init__(self, directory: Path, purge_step: int | None):
+        self.directory, self._events, self._flushed = directory, None, time.monotonic()
+        self._guard(self._open, purge_step)
+
+    def _open(self, purge_step: int | None) -> None:
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # tensorboardX names the file by the second and the host only; a writer opened within
+        # the same second (a quick resume) would truncate the previous file.
+        self._events = EventsWriter(str(self.directory / "events"),
+                                    f".{os.getpid()}.{next(_EVENT_FILES)}")
+        if purge_step is not None:  # as SummaryWriter(purge_step=...): TensorBoard drops points
+            # at or after purge_step, logged by a run that was interrupted after its checkpoint
+            self._events.write_event(Event(step=purge_step, file_version="brain.Event:2"))
+            self._events.write_event(Event(step=purge_step, wall_time=time.time(),
+                                           session_log=SessionLog(status=SessionLog.START)))
+        self._events.flush()
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        """One event holding ``scalars`` at ``step`` (nothing once a write has failed)."""
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+        from tensorboardX.summary import scalar
+
+        if self._events is None:
+            return
+        values = [scalar(key, value).value[0] for key, value in scalars.items()]
+        event = Event(step=step, wall_time=time.time(), summary=Summary(value=values))
+        self._guard(self._events.write_event, event)
+        if self._events is not None and time.monotonic() - self._flushed > self.FLUSH_S:
+            self._guard(self._events.flush)
+            self._flushed = time.monotonic()
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._guard(self._events.close)
+            self._events = None
+
+    def _guard(self, fn, *args) -> None:
+        """``fn(*args)``; if it fails to write: one warning, the file closed, no more events."""
+        try:
+            fn(*args)
+        except OSError as e:
+            warnings.warn(f"cannot write TensorBoard events in {self.directory} "
+                          f"({why_not_written(e)[0]}); the run goes on without them "
+                          "(metrics.jsonl has every value)", RuntimeWarning, stacklevel=4)
+            if self._events is not None:
+                try:  # closes the file even though its buffer cannot be flushed
+                    self._events.close()
+                except OSError:
+                    pass
+            self._events = None
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

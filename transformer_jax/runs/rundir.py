@@ -11,10 +11,14 @@ costs nothing:
   ``os.replace``): a kill mid-write leaves the old file or the new one, never half of one.
 * :func:`read_config` turns a missing, truncated or foreign ``config.json`` into one
   :class:`RunConfigError` that says which file and what to do.
+* :func:`why_not_written` names why a write failed (no space left, permission denied,
+  read-only filesystem) and what to do, for the one-line errors and warnings of a run's files;
+  :class:`OutputError` is the error that ends a run whose checkpoint or log cannot be written.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -22,15 +26,91 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from transformer_jax.config import ModelConfig, TrainConfig
+from transformer_jax.config import ModelConfig, TrainConfig, model_identity
 
-__all__ = ["RunConfigError", "prepare", "read_config", "read_configs", "write_config"]
+__all__ = ["OutputError", "RunConfigError", "make_dir", "prepare", "read_config", "read_configs",
+           "why_not_written", "write_config", "write_text_atomic"]
 
 CONFIG = "config.json"
 
 
 class RunConfigError(ValueError):
     """The run cannot start as configured (the message says why and what to change)."""
+
+
+class OutputError(RuntimeError):
+    """A checkpoint or ``metrics.jsonl`` of a running run cannot be written (the message says
+    which, why, and what to do); the run stops, its last good checkpoint intact."""
+
+
+# errno -> (why, what to do). The messages of tensorstore (orbax's array writer) carry no errno
+# attribute, only the C library's text ("... No space left on device [os_error_code='28']").
+_WRITE_FAILURES = {
+    errno.ENOSPC: ("no space left on the device", "free space there"),
+    errno.EDQUOT: ("disk quota exceeded", "free space there or raise the quota"),
+    errno.EACCES: ("permission denied", "make it writable"),
+    errno.EPERM: ("permission denied", "make it writable"),
+    errno.EROFS: ("read-only filesystem", "use a directory on a writable filesystem"),
+}
+
+
+def why_not_written(error: BaseException) -> tuple[str, str]:
+    """(why, what to do) for a failed write: from an ``OSError`` anywhere in ``error``'s chain,
+    or the C library's message for that error inside another exception's text."""
+    seen = []
+    while error is not None and not any(error is e for e in seen):
+        seen.append(error)
+        if isinstance(error, OSError) and error.errno in _WRITE_FAILURES:
+            return _WRITE_FAILURES[error.errno]
+        for number, failure in _WRITE_FAILURES.items():
+            if os.strerror(number) in str(error):
+                return failure
+        error = error.__cause__ or error.__context__
+    first = str(seen[0]).splitlines()[0][:200] if seen and str(seen[0]) else ""
+    return f"{type(seen[0]).__name__}: {first}" if seen else "unknown error", "check the disk"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (a temporary file, then ``os.replace``): a kill
+    or a full disk mid-write leaves the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, _mode_of(path))  # mkstemp makes the file private (0600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _mode_of(path: Path) -> int:
+    """The permissions ``path`` has, or those a new file gets (0666 less the umask)."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        pass
+    try:  # the umask without os.umask, which would change it for every thread meanwhile
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = 0o022
+    return 0o666 & ~umask
+
+
+def make_dir(out: Path) -> None:
+    """Create the run directory ``out`` (and its parents) if missing.
+
+    Raises:
+      RunConfigError: ``out`` is a file or cannot be created.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        what = "is a file" if out.is_file() else f"cannot be created ({e.strerror})"
+        raise RunConfigError(f"--out {out} {what}; choose a writable directory") from None
 
 
 def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -72,23 +152,14 @@ def read_configs(run_dir: str | os.PathLike) -> tuple[ModelConfig, TrainConfig]:
 def write_config(out: Path, model_cfg: ModelConfig, tc: TrainConfig) -> None:
     """Write ``out/config.json`` atomically (temporary file + ``os.replace``)."""
     text = json.dumps({"model": model_cfg.to_dict(), "train": tc.to_dict()}, indent=2)
-    fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG}.", dir=out)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out / CONFIG)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(out / CONFIG, text)
 
 
 def _model_mismatch(out: Path, old: dict[str, Any], model_cfg: ModelConfig,
                     tc: TrainConfig) -> str | None:
     """Why the run in ``out`` (config ``old``) is not this model's, or ``None`` if it is."""
-    new = model_cfg.to_dict()
-    if (old["model"] == new and old["train"].get("model") == tc.model
+    new, saved = model_identity(model_cfg.to_dict()), model_identity(old["model"])
+    if (saved == new and old["train"].get("model") == tc.model
             and old["train"].get("task", "lm") == tc.task):
         return None
     if old["train"].get("task", "lm") != tc.task:
@@ -97,8 +168,8 @@ def _model_mismatch(out: Path, old: dict[str, Any], model_cfg: ModelConfig,
     if old["train"].get("model") != tc.model:
         return (f"{out} holds a {old['train'].get('model')!r} run, not {tc.model!r}; use another "
                 "--out, or the same --model to resume it")
-    diff = sorted(k for k, v in new.items() if old["model"].get(k) != v)
-    old_len = old["model"].get("max_len")
+    diff = sorted(k for k in new.keys() | saved.keys() if saved.get(k) != new.get(k))
+    old_len = saved.get("max_len")
     if diff == ["max_len"] and isinstance(old_len, int) and tc.seq_len > old_len:
         # train.py raises max_len to --seq-len; the resumed model's positions stop at old_len.
         return (f"--seq-len {tc.seq_len} exceeds max_len {old_len} of the model in {out}; "
@@ -122,11 +193,7 @@ def prepare(out: Path, model_cfg: ModelConfig, tc: TrainConfig,
         directory without ``config.json``; or it holds a run of another model. Nothing in
         ``out`` has been changed then.
     """
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        what = "is a file" if out.is_file() else f"cannot be created ({e.strerror})"
-        raise RunConfigError(f"--out {out} {what}; choose a writable directory") from None
+    make_dir(out)
     if (out / CONFIG).exists():
         old = read_config(out)
         mismatch = _model_mismatch(out, old, model_cfg, tc)
@@ -142,5 +209,6 @@ def prepare(out: Path, model_cfg: ModelConfig, tc: TrainConfig,
     try:
         write_config(out, model_cfg, tc)
     except OSError as e:
-        raise RunConfigError(f"--out {out} is not writable ({e.strerror}); choose a writable "
-                             "directory") from None
+        why, todo = why_not_written(e)
+        raise RunConfigError(f"--out {out} is not writable: cannot write {out / CONFIG} ({why}); "
+                             f"{todo}, or choose another --out") from None

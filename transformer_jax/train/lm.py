@@ -1,19 +1,24 @@
-"""The language-model workload: next-byte prediction on a text corpus.
+"""The language-model workload: next-token prediction on a text corpus.
 
-The byte-level Transformer LM (or a recurrent baseline, ``--model lstm|gru``) on
-``TrainConfig.data`` (default: the embedded corpus); batches are random crops, a pure function
-of (seed, step); validation covers the whole validation split once; the end of training
-samples text from ``TrainConfig.sample_prompt``.
+The Transformer LM (or a recurrent baseline, ``--model lstm|gru``) on ``TrainConfig.data``:
+the embedded corpus or text files as bytes, or a dataset prepared by ``python -m
+transformer_jax.prepare`` (memory-mapped token shards and their tokenizer, which the run
+directory keeps a copy of). Batches are random crops, a pure function of (seed, step);
+validation covers the whole validation split once; the end of training samples text from
+``TrainConfig.sample_prompt``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 from typing import Any
 
 from transformer_jax import decoding, models
 from transformer_jax.config import ModelConfig, TrainConfig
-from transformer_jax.data import ByteTokenizer, Corpus, batches, load_corpus
+from transformer_jax.data import ByteTokenizer, batches
+from transformer_jax.data.prepared import LMData, load_lm_data
 from transformer_jax.models import accounting
 from transformer_jax.parallel import Placement, check_batch
 from transformer_jax.runs.rundir import RunConfigError
@@ -42,50 +47,81 @@ def _functions(model_cfg: ModelConfig, step_cfg: TrainConfig, seq_len: int,
         dropout=model_cfg.dropout_rate > 0)
 
 
-def _check(model_cfg: ModelConfig, tc: TrainConfig, placement: Placement,
-           corpus: Corpus) -> None:
-    if model_cfg.vocab_size != ByteTokenizer.vocab_size:
-        raise RunConfigError(f"byte-level data needs vocab_size 256, got {model_cfg.vocab_size}")
+TOKENIZER = "tokenizer.json"  # the run directory's copy of a prepared dataset's tokenizer
+
+
+def _check(model_cfg: ModelConfig, tc: TrainConfig, placement: Placement, data: LMData) -> None:
+    vocab = data.tokenizer.vocab_size
+    if model_cfg.vocab_size != vocab:
+        raise RunConfigError(f"the data ({data.name}) has a vocabulary of {vocab} tokens, the "
+                             f"model's vocab_size is {model_cfg.vocab_size}; they must agree "
+                             "(train.py takes vocab_size from --data)")
     if tc.model == "transformer" and tc.seq_len > model_cfg.max_len:
         raise RunConfigError(f"seq_len {tc.seq_len} exceeds the model's max_len "
                              f"{model_cfg.max_len}; lower seq_len or raise max_len")
     check_batch(tc.batch_size, placement.batch_shards, tc.grad_accum)
-    batches.check_length(corpus.train, tc.seq_len, "train")
-    batches.check_length(corpus.val, tc.seq_len, "validation")
+    batches.check_length(data.train, tc.seq_len, "train", f"{data.unit}s")
+    batches.check_length(data.val, tc.seq_len, "validation", f"{data.unit}s")
+
+
+def _check_run_tokenizer(out: Path, data: LMData) -> None:
+    """Refuse to resume the run in ``out`` on data of another tokenizer."""
+    if (out / TOKENIZER).is_file():
+        kept, what = (out / TOKENIZER).read_text(encoding="utf-8"), str(out / TOKENIZER)
+    elif (out / "config.json").is_file():  # a run on raw text: bytes
+        kept, what = ByteTokenizer().to_json(), "bytes"
+    else:
+        return
+    if kept != (data.tokenizer_json or ByteTokenizer().to_json()):
+        raise RunConfigError(f"--data {data.name} has another tokenizer than the run in {out} "
+                             f"was trained with ({what}); resume it on the same dataset, or "
+                             "use another --out")
+
+
+def _keep_tokenizer(text: str, out: Path) -> None:
+    """Write ``out/tokenizer.json`` (a temporary file, then ``os.replace``: never half a file)."""
+    tmp = out / f".{TOKENIZER}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out / TOKENIZER)
 
 
 def workload(model_cfg: ModelConfig, tc: TrainConfig, placement: Placement, *,
              log: Any = None) -> Workload:
-    """The byte-level language model on the corpus of ``tc.data``.
+    """The language model on the data of ``tc.data``.
 
     Raises:
       RunConfigError, transformer_jax.data.DataError, transformer_jax.parallel.BatchSplitError:
         settings or data that cannot train (before anything compiles).
     """
     del log  # nothing to report beyond the loop's start-up line
-    corpus = load_corpus(tc.data, tc.val_fraction)
-    _check(model_cfg, tc, placement, corpus)
+    data = load_lm_data(tc.data, tc.val_fraction)
+    _check(model_cfg, tc, placement, data)
+    _check_run_tokenizer(Path(tc.out), data)
     fns = _functions(model_cfg, step_config(tc), tc.seq_len, placement)
 
     def sample(params: Any, step: int, device: Any) -> str:
         return decoding.sample_text(fns.model, params, tc.sample_prompt,
                                     max_new_tokens=tc.sample_tokens, context=tc.seq_len,
                                     temperature=tc.sample_temperature, seed=tc.seed,
-                                    device=device)
+                                    device=device, tokenizer=data.tokenizer)
 
     return Workload(
         fns=fns,
         init_state=lambda seed: init_state(fns.model, fns.tx, seed=seed, seq_len=tc.seq_len),
         train_batches=lambda step, k, rows=slice(None): batches.train_batches(
-            corpus.train, seed=tc.seed, step=step, num_steps=k, batch_size=tc.batch_size,
+            data.train, seed=tc.seed, step=step, num_steps=k, batch_size=tc.batch_size,
             seq_len=tc.seq_len, rows=rows),
         width=tc.seq_len + 1,
         validate=lambda params: validation_loss(
-            fns, params, batches.eval_batches(corpus.val, batch_size=tc.eval_batch_size,
+            fns, params, batches.eval_batches(data.val, batch_size=tc.eval_batch_size,
                                               seq_len=tc.seq_len), placement),
         tokens_per_step=tc.batch_size * tc.seq_len,
         architecture=(f"{tc.model}: {model_cfg.num_decoder_layers} layers, d_model "
                       f"{model_cfg.d_model}"),
-        description=(f"data {corpus.name} ({len(corpus.train):,} train / "
-                     f"{len(corpus.val):,} val bytes)"),
-        sample=sample if tc.sample_tokens else None)
+        description=(f"data {data.name} ({len(data.train):,} train / "
+                     f"{len(data.val):,} val {data.unit}s)"),
+        unit=data.unit,
+        sample=sample if tc.sample_tokens else None,
+        bytes_per_target=data.bytes_per_target,
+        run_files=(None if data.tokenizer_json is None else
+                   functools.partial(_keep_tokenizer, data.tokenizer_json)))

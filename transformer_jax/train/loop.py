@@ -12,19 +12,31 @@ log/eval/checkpoint intervals), a resumed run makes exactly the calls, and reach
 parameters, of an uninterrupted one.
 
 The host never waits for the device except to read metrics of the previous call (one call
-ahead), at log points, and at evaluation/checkpoint points. SIGTERM sets a flag; the loop saves
-at the next step boundary and returns normally (``train.py`` then exits 0).
+ahead), at log points, and at evaluation/checkpoint points. SIGTERM and a first Ctrl-C (SIGINT)
+set a flag; the loop saves at the next step boundary and returns normally (``train.py`` then
+exits 0 after SIGTERM, 130 after Ctrl-C). A second Ctrl-C goes to the SIGINT handler installed
+before the loop: the command line's ends the process at once without saving.
+
+Process 0 holds the run directory's lock (:mod:`transformer_jax.runs.lock`) from before the
+workload is built until everything is written: a second run into the same directory stops at
+once. A checkpoint or ``metrics.jsonl`` that cannot be written ends the run with
+:class:`~transformer_jax.runs.rundir.OutputError`; ``samples.txt`` and ``loss.png`` (and
+TensorBoard events) that cannot be written are a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+import os
 import signal
 import statistics
+import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,16 +45,16 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from transformer_jax.config import ModelConfig, TrainConfig
+from transformer_jax.config import ModelConfig, TrainConfig, model_identity
 from transformer_jax.parallel import Placement, distributed, resolve, sharding
-from transformer_jax.runs import metrics, rundir
+from transformer_jax.runs import lock, metrics, rundir
 from transformer_jax.runs.checkpoint import Checkpointer
-from transformer_jax.runs.rundir import RunConfigError
+from transformer_jax.runs.rundir import OutputError, RunConfigError
 from transformer_jax.train.optim import make_schedule
 from transformer_jax.train.tasks import build_workload
 from transformer_jax.train.workload import Workload
 
-__all__ = ["NonFiniteError", "RunConfigError", "RunResult", "run", "train"]
+__all__ = ["NonFiniteError", "OutputError", "RunConfigError", "RunResult", "run", "train"]
 
 
 class NonFiniteError(RuntimeError):
@@ -62,11 +74,12 @@ class RunResult:
       tokens_per_s: median training throughput over this run's log intervals.
       mfu: median model-FLOPs utilisation over the same intervals.
       wall_s: wall time of :func:`run`, compilation included.
-      interrupted: stopped early by SIGTERM (or ``stop_at``), checkpoint saved.
+      interrupted: stopped early by SIGTERM, Ctrl-C (or ``stop_at``), checkpoint saved.
       sample: the text generated at the end ("" if none).
       state: the final :class:`~transformer_jax.train.step.TrainState` (host arrays,
         unreplicated).
       evaluation: the workload's final evaluation (the last ``metrics.jsonl`` line), or {}.
+      stopped_by: the signal that stopped the run ("SIGTERM" or "SIGINT"), or ``None``.
     """
 
     out: Path
@@ -81,6 +94,7 @@ class RunResult:
     sample: str
     state: Any = dataclasses.field(repr=False, default=None)
     evaluation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stopped_by: str | None = None
 
 
 def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | None = None,
@@ -103,7 +117,9 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
     Raises:
       RunConfigError, transformer_jax.data.DataError, transformer_jax.parallel.BatchSplitError:
         bad settings (before training).
+      transformer_jax.runs.lock.RunLocked: another run holds ``tc.out`` (a RunConfigError).
       NonFiniteError: ``tc.max_nonfinite`` consecutive non-finite gradients.
+      OutputError: a checkpoint or ``metrics.jsonl`` could not be written.
     """
     t_start = time.perf_counter()
     try:
@@ -113,27 +129,44 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
     if not distributed.is_lead():  # in a multi-host run only process 0 writes logs and files
         log, progress = (lambda message: None), False
     log = log or tqdm.write
-    work = build_workload(model_cfg, tc, placement, log=log)
-    return train(work, model_cfg, tc, placement, stop_at=stop_at, progress=progress, log=log,
-                 t_start=t_start)
+    with _lead_lock(Path(tc.out)):  # before the data is read: a second run stops at once
+        work = build_workload(model_cfg, tc, placement, log=log)
+        return train(work, model_cfg, tc, placement, stop_at=stop_at, progress=progress,
+                     log=log, t_start=t_start)
 
 
 def train(work: Workload, model_cfg: ModelConfig, tc: TrainConfig, placement: Placement, *,
           stop_at: int | None = None, progress: bool | None = None,
           log: Callable[[str], None] = print, t_start: float | None = None) -> RunResult:
     """The generic loop: train ``work`` on ``placement`` into ``tc.out`` (see :func:`run`)."""
+    with _lead_lock(Path(tc.out)):
+        return _train(work, model_cfg, tc, placement, stop_at=stop_at, progress=progress,
+                      log=log, t_start=t_start)
+
+
+def _lead_lock(out: Path) -> contextlib.AbstractContextManager:
+    """The run directory's lock, held by process 0 only (the one that writes its files)."""
+    return lock.hold(out) if distributed.is_lead() else contextlib.nullcontext()
+
+
+def _train(work: Workload, model_cfg: ModelConfig, tc: TrainConfig, placement: Placement, *,
+           stop_at: int | None, progress: bool | None, log: Callable[[str], None],
+           t_start: float | None) -> RunResult:
+    """:func:`train`, with the run directory locked."""
     t_start = time.perf_counter() if t_start is None else t_start
     out, lead = Path(tc.out), distributed.is_lead()
     if lead:  # refuses another run's or an unwritable directory
         rundir.prepare(out, model_cfg, tc, log)
+        if work.run_files is not None:
+            work.run_files(out)
     end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
-    with Checkpointer(out / "checkpoints", max_to_keep=tc.max_to_keep) as ckpt, \
-            _SigtermFlag() as sigterm:
+    with Checkpointer(out / "checkpoints", max_to_keep=tc.max_to_keep,
+                      cleanup_tmp=True) as ckpt, _StopSignals() as signals:
         state, start = _restore_or_init(ckpt, work, model_cfg, tc, placement, out, log)
         session = _Session(work, model_cfg, tc, placement, ckpt, out, lead, log, start,
                            progress, t_start)
         try:
-            state, step = session.train(state, start, end, sigterm)
+            state, step = session.train(state, start, end, signals)
             interrupted = step < tc.steps
             evaluation = session.finish(state, step, interrupted)
         finally:
@@ -143,15 +176,19 @@ def train(work: Workload, model_cfg: ModelConfig, tc: TrainConfig, placement: Pl
     if lead and not interrupted:
         sample = _write_sample(work, final.params, step, out, tc, placement)
     if lead:
-        metrics.plot_loss(metrics.read_jsonl(out / "metrics.jsonl"), out / "loss.png",
-                          title=f"{out.name}: {tc.model}, {model_cfg.num_decoder_layers}×"
-                                f"{model_cfg.d_model}")
+        try:
+            metrics.plot_loss(metrics.read_jsonl(out / "metrics.jsonl"), out / "loss.png",
+                              title=f"{out.name}: {tc.model}, {model_cfg.num_decoder_layers}×"
+                                    f"{model_cfg.d_model}")
+        except OSError as e:
+            _not_written(out / "loss.png", e, "metrics.jsonl has the same numbers")
     tok_s = statistics.median(session.rates) if lead and session.rates else math.nan
     return RunResult(out=out, step=step, start_step=start, val_loss=session.val_loss,
-                     val_bpb=session.val_loss / math.log(2), tokens_per_s=tok_s,
+                     val_bpb=work.bits(session.val_loss)[0], tokens_per_s=tok_s,
                      mfu=tok_s * work.fns.flops_per_token / session.peak,
                      wall_s=time.perf_counter() - t_start, interrupted=interrupted,
-                     sample=sample, state=final, evaluation=evaluation)
+                     sample=sample, state=final, evaluation=evaluation,
+                     stopped_by=signals.by if interrupted else None)
 
 
 def _restore_or_init(ckpt: Checkpointer, work: Workload, model_cfg: ModelConfig,
@@ -162,7 +199,9 @@ def _restore_or_init(ckpt: Checkpointer, work: Workload, model_cfg: ModelConfig,
     fresh = jax.eval_shape(init)
     # Restored straight into this placement's shardings (whatever mesh saved it); a checkpoint
     # copied in from another model is refused by name.
-    restored = ckpt.restore(placement.target(fresh), expect={"model": model_cfg.to_dict()})
+    restored = ckpt.restore(placement.target(fresh),
+                            expect={"model": model_identity(model_cfg.to_dict())},
+                            normalize={"model": model_identity})
     if restored is None:
         return placement.init(init, fresh), 0
     start = restored.step
@@ -180,10 +219,19 @@ def _write_sample(work: Workload, params: Any, step: int, out: Path, tc: TrainCo
     # This process's first device (every process's own under a multi-host mesh).
     device = next(d for d in placement.devices if d.process_index == jax.process_index())
     text = work.sample(params, step, device)
-    with open(out / "samples.txt", "a") as f:
-        f.write(f"--- step {step}, temperature {tc.sample_temperature}, prompt "
-                f"{tc.sample_prompt!r}\n{text}\n\n")
+    try:
+        with open(out / "samples.txt", "a") as f:
+            f.write(f"--- step {step}, temperature {tc.sample_temperature}, prompt "
+                    f"{tc.sample_prompt!r}\n{text}\n\n")
+    except OSError as e:
+        _not_written(out / "samples.txt", e, "the sample is printed only")
     return text
+
+
+def _not_written(path: Path, error: OSError, consequence: str) -> None:
+    """One warning for an output that is not worth ending a trained run for."""
+    warnings.warn(f"cannot write {path} ({rundir.why_not_written(error)[0]}); {consequence}",
+                  RuntimeWarning, stacklevel=2)
 
 
 def _next_stop(step: int, end: int, tc: TrainConfig) -> int:
@@ -219,7 +267,8 @@ class _Session:
             f"{placement.num_devices} {dev0.platform} device(s){mesh}; {work.description}; "
             f"peak {self.peak / 1e9:.0f} GFLOP/s ({peak_source})")
 
-    def train(self, state: Any, step: int, end: int, sigterm: _SigtermFlag) -> tuple[Any, int]:
+    def train(self, state: Any, step: int, end: int,
+              signals: _StopSignals) -> tuple[Any, int]:
         """Run compiled calls up to ``end`` (or a stop signal); returns (state, step)."""
         tc, work = self.tc, self.work
         n_timed, t_mark, warm, stop_now = 0, time.perf_counter(), False, False
@@ -238,8 +287,8 @@ class _Session:
                 self._drain(step)
                 n_timed, t_mark, warm = 0, time.perf_counter(), True
             do_eval = step % tc.eval_every == 0 or step == tc.steps
-            # With several hosts all stop together if any got SIGTERM (one collective).
-            stop_now = distributed.any_process(sigterm.set)
+            # With several hosts all stop together if any got a signal (one collective).
+            stop_now = distributed.any_process(signals.set)
             do_ckpt = step % tc.ckpt_every == 0 or step == end or stop_now
             if step % tc.log_every == 0 or do_eval or do_ckpt:
                 self._drain(step)
@@ -288,16 +337,16 @@ class _Session:
         self.interval.clear()
         if do_eval:
             self._validate(state, step)
-            record.update(val_loss=self.val_loss, val_bpb=self.val_loss / math.log(2))
+            record.update(val_loss=self.val_loss, val_bpb=self.work.bits(self.val_loss)[0])
         self.writer.write(record)
         self.postfix["tok/s"] = f"{tok_s:,.0f}" if tok_s else "-"
         self.bar.set_postfix(self.postfix, refresh=False)
 
     def _validate(self, state: Any, step: int) -> None:
         self.val_loss, self.last_eval = self.work.validate(self.placement.params(state)), step
-        unit = self.work.unit
-        self.log(f"step {step}: val_loss {self.val_loss:.4f} nats/{unit} "
-                 f"({self.val_loss / math.log(2):.3f} bits/{unit})")
+        bits, per = self.work.bits(self.val_loss)
+        self.log(f"step {step}: val_loss {self.val_loss:.4f} nats/{self.work.unit} "
+                 f"({bits:.3f} bits/{per})")
 
     def _save(self, step: int, state: Any) -> None:
         meta = {"step": step, "model": self.model_cfg.to_dict(), "train": self.tc.to_dict()}
@@ -334,21 +383,44 @@ class _NoWriter:
         pass
 
 
-class _SigtermFlag:
-    """Context manager: SIGTERM sets ``self.set`` (main thread only) instead of killing us."""
+class _StopSignals:
+    """Context manager: SIGTERM and a first Ctrl-C (SIGINT) set ``self.set`` instead of killing
+    the process; the loop then saves at the next step boundary. ``self.by`` names the first.
+
+    A second Ctrl-C is handed to the SIGINT handler that was installed before: the command
+    line's ends the process at once (the checkpoints saved so far are complete; a save in flight
+    is a temporary folder that the next run removes); Python's default raises
+    ``KeyboardInterrupt``. Installed on the main thread only; an ignored SIGINT (a background
+    job of a shell) stays ignored.
+    """
 
     def __init__(self):
-        self.set = False
-        self._previous = None
+        self.set, self.by, self._ctrl_c = False, None, 0
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            self._ctrl_c += 1
+            if self._ctrl_c > 1:
+                previous = self._previous[signal.SIGINT]
+                if callable(previous):
+                    previous(signum, frame)
+                raise KeyboardInterrupt
+            # Written straight to the file descriptor: a signal handler may interrupt a print.
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.write(sys.stderr.fileno(), b"Ctrl-C: saving a checkpoint after the step in "
+                         b"progress; press Ctrl-C again to stop at once without saving\n")
         self.set = True
+        self.by = self.by or signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:  # None: a handler not installed from Python
+                signal.signal(signum, previous)

@@ -72,7 +72,7 @@ def _split(batch: jax.Array, src_len: int) -> tuple[jax.Array, jax.Array, jax.Ar
 
 
 def loss_and_grads(apply_fn: Callable[..., Any], params: Any, batch: jax.Array, key: jax.Array,
-                   *, label_smoothing: float, dropout: bool, src_len: int):
+                   *, label_smoothing: float, dropout: bool, src_len: int, z_loss: float = 0.0):
     """((summed target-token loss, target count), gradients of the sum) of one packed batch.
 
     Plugs into :func:`~transformer_jax.train.step.train_step`, which divides by the count of
@@ -82,7 +82,7 @@ def loss_and_grads(apply_fn: Callable[..., Any], params: Any, batch: jax.Array, 
         src, tgt_in, targets = _split(batch, src_len)
         logits = apply_fn({"params": p}, src, tgt_in, deterministic=not dropout,
                           rngs={"dropout": key})
-        return cross_entropy(logits, targets, label_smoothing=label_smoothing)
+        return cross_entropy(logits, targets, label_smoothing=label_smoothing, z_loss=z_loss)
 
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 

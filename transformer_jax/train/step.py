@@ -47,8 +47,8 @@ class TrainState:
     rng: jax.Array
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, *,
-                  label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+def cross_entropy(logits: jax.Array, targets: jax.Array, *, label_smoothing: float = 0.0,
+                  z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """Summed token cross-entropy (nats) and the number of real (non-padding) targets.
 
     With label smoothing ε (§5.4) the target distribution is (1 - ε)·onehot + ε / V.
@@ -57,6 +57,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, *,
       logits: [B, T, V] (any float dtype; computed in float32).
       targets: [B, T] int; positions equal to ``IGNORE`` (-1) get zero weight.
       label_smoothing: ε in [0, 1).
+      z_loss: coefficient of log(Z)² added per real target (0: none).
 
     Returns:
       (sum of losses over real targets, number of real targets), float32 scalars.
@@ -69,6 +70,8 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, *,
     if label_smoothing:
         uniform = log_z - jnp.mean(logits, axis=-1)  # cross-entropy against the uniform target
         nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+    if z_loss:
+        nll = nll + z_loss * jnp.square(log_z)
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 
@@ -99,19 +102,22 @@ def _inputs(batch: jax.Array) -> jax.Array:
     return jnp.maximum(batch[:, :-1], 0)
 
 
-def _summed_loss_and_grads(apply_fn, params, batch, key, *, label_smoothing, dropout):
+def _summed_loss_and_grads(apply_fn, params, batch, key, *, label_smoothing, dropout,
+                           z_loss=0.0):
     """((summed loss, real-target count), gradients of the sum) of one [b, T + 1] batch."""
     def loss_fn(p):
         logits = apply_fn({"params": p}, _inputs(batch), deterministic=not dropout,
                           rngs={"dropout": key})
-        return cross_entropy(logits, batch[:, 1:], label_smoothing=label_smoothing)
+        return cross_entropy(logits, batch[:, 1:], label_smoothing=label_smoothing,
+                             z_loss=z_loss)
 
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
 def train_step(state: TrainState, batch: jax.Array, *, apply_fn: Callable[..., Any],
                tx: optax.GradientTransformation, label_smoothing: float = 0.0,
-               grad_accum: int = 1, dropout: bool = False, axis_name: str | None = None,
+               grad_accum: int = 1, dropout: bool = False, z_loss: float = 0.0,
+               axis_name: str | None = None,
                loss_and_grads: Callable[..., Any] | None = None,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on one batch: pure, so it runs under jit, pmap or scan alike.
@@ -125,8 +131,9 @@ def train_step(state: TrainState, batch: jax.Array, *, apply_fn: Callable[..., A
       label_smoothing: ε of the loss (§5.4).
       grad_accum: split ``batch`` into this many micro-batches, one forward/backward each.
       dropout: run the model in training mode (needs ``dropout_rate > 0`` to matter).
+      z_loss: coefficient of the log(Z)² term of the training loss (0: none).
       axis_name: the pmapped axis to average gradients and metrics over; ``None`` under jit.
-      loss_and_grads: ``(apply_fn, params, batch, key, *, label_smoothing, dropout) ->
+      loss_and_grads: ``(apply_fn, params, batch, key, *, label_smoothing, dropout, z_loss) ->
         ((summed loss, number of real targets), gradients of the summed loss)`` of one
         micro-batch; default: the language model's next-token loss. The encoder–decoder's is
         :func:`transformer_jax.train.seq2seq.loss_and_grads`. Sums and counts are combined over
@@ -142,7 +149,7 @@ def train_step(state: TrainState, batch: jax.Array, *, apply_fn: Callable[..., A
     if axis_name is not None:  # different dropout masks on different devices
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
     grads_of = functools.partial(loss_and_grads or _summed_loss_and_grads, apply_fn,
-                                 label_smoothing=label_smoothing, dropout=dropout)
+                                 label_smoothing=label_smoothing, dropout=dropout, z_loss=z_loss)
     if grad_accum == 1:
         (total, count), grads = grads_of(state.params, batch, key)
     else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,7 +31,7 @@ __all__ = ["StepFunctions", "Workload", "compile_steps", "step_config", "validat
 # Fields of TrainConfig that change the compiled train step (the others are the loop's).
 _STEP_FIELDS = ("model", "steps", "grad_accum", "optimizer", "lr", "min_lr_ratio", "schedule",
                 "warmup", "b1", "b2", "eps", "weight_decay", "grad_clip", "label_smoothing",
-                "steps_per_call", "max_nonfinite", "task")
+                "steps_per_call", "max_nonfinite", "task", "z_loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +72,8 @@ def compile_steps(model: Any, step_cfg: TrainConfig, d_model: int, placement: Pl
     tx = make_optimizer(step_cfg, d_model)
     step = functools.partial(train_steps, apply_fn=model.apply, tx=tx,
                              label_smoothing=step_cfg.label_smoothing,
-                             grad_accum=step_cfg.grad_accum, dropout=dropout, **step_kwargs)
+                             grad_accum=step_cfg.grad_accum, dropout=dropout,
+                             z_loss=step_cfg.z_loss, **step_kwargs)
     abstract_state = jax.eval_shape(lambda: init_state(model, tx, seed=0))
     train = placement.compile(step, abstract_state)
     evaluate = jax.jit(functools.partial(eval_step, apply_fn=model.apply))
@@ -102,6 +104,11 @@ class Workload:
         test evaluation).
       sample: optional (final params, step, device) -> text generated when training completes;
         the loop appends it to ``samples.txt``.
+      bytes_per_target: bytes of text per validation target: val_bpb is then val_loss /
+        (bytes_per_target · ln 2), bits per byte of text whatever the tokenizer (None: bits
+        per target token).
+      run_files: optional run directory -> None, called on process 0 once the directory is
+        claimed, to write the workload's own files (the language model's tokenizer).
     """
 
     fns: StepFunctions
@@ -115,6 +122,13 @@ class Workload:
     unit: str = "byte"
     finish: Callable[[Any, Any, int], dict[str, Any]] | None = None
     sample: Callable[[Any, int, Any], str] | None = None
+    bytes_per_target: float | None = None
+    run_files: Callable[[Any], None] | None = None
+
+    def bits(self, val_loss: float) -> tuple[float, str]:
+        """(val_bpb, its unit): val_loss in bits per byte of text, or per token."""
+        per = self.bytes_per_target
+        return (val_loss / ((per or 1.0) * math.log(2)), "byte" if per else self.unit)
 
 
 def validation_loss(fns: StepFunctions, params: Any, batches: Iterable[np.ndarray],
