@@ -68,6 +68,11 @@ class Placement:
         """Parts the global batch is split into (tensor-parallel devices share a part)."""
         return len(self.devices)
 
+    @property
+    def local_device(self) -> Any:
+        """This process's first device (on a multi-host mesh, every process has its own)."""
+        return next(d for d in self.devices if d.process_index == jax.process_index())
+
     def __repr__(self) -> str:
         mesh = "" if self.mesh is None else f", mesh {dict(self.mesh.shape)}"
         return (f"Placement({self.kind!r}, {len(self.devices)} × {self.devices[0].platform}"

@@ -216,8 +216,7 @@ def _write_sample(work: Workload, params: Any, step: int, out: Path, tc: TrainCo
     """The workload's end-of-run sample, appended to ``samples.txt`` ("" if it has none)."""
     if work.sample is None:
         return ""
-    # This process's first device (every process's own under a multi-host mesh).
-    device = next(d for d in placement.devices if d.process_index == jax.process_index())
+    device = placement.local_device
     text = work.sample(params, step, device)
     try:
         with open(out / "samples.txt", "a") as f:

@@ -166,7 +166,7 @@ def workload(model_cfg: ModelConfig, tc: TrainConfig, placement: Placement, *,
     def finish(params: Any, ckpt: Checkpointer, step: int) -> dict[str, Any]:
         steps = [step]
         if tc.average_last > 1:
-            here = next(d for d in placement.devices if d.process_index == jax.process_index())
+            here = placement.local_device
             params, steps = ckpt.average(_abstract_state(fns.model, fns.tx, task, here),
                                          last=tc.average_last, select=lambda s: s.params)
         result = evaluate(fns.model, params, task, test)
