@@ -1,9 +1,11 @@
 """One process of the two-process CPU run in tests/parallel/test_sharding.py (and its configs).
 
-``python tests/multihost_worker.py HOST:PORT PROCESS_ID OUT DATA`` joins the other process
-(DATA: a text file or a prepared dataset folder), trains the sharded run to step 2 (stopping as if SIGTERM had come: a checkpoint of the global,
-cross-process-sharded arrays), then runs again into the same directory: it restores that
-checkpoint and trains to step 4. Prints one JSON line with what it did.
+``python tests/multihost_worker.py HOST:PORT PROCESS_ID OUT DATA [OUT DATA ...]`` joins the
+other process; then, for each (OUT, DATA) pair (DATA: a text file or a prepared dataset folder),
+it trains the sharded run to step 2 (stopping as if SIGTERM had come: a checkpoint of the
+global, cross-process-sharded arrays), then runs again into the same directory: it restores
+that checkpoint and trains to step 4. Prints one JSON line per pair with what it did. (One
+launch for several datasets: starting the processes costs more than their training.)
 """
 
 import dataclasses
@@ -29,25 +31,27 @@ def train_config(out, data_file, **overrides) -> TrainConfig:
     return TrainConfig(**{**settings, **overrides})
 
 
-def main(coordinator: str, process_id: str, out: str, data_file: str) -> None:
+def main(coordinator: str, process_id: str, *runs: str) -> None:
     from transformer_jax.parallel import distributed
 
     distributed.initialize(coordinator, NUM_PROCESSES, int(process_id))
+
+    import jax
 
     from transformer_jax.data.prepared import data_vocab_size
     from transformer_jax.runs import metrics
     from transformer_jax.train import loop
 
     metrics.peak_flops = lambda devices: (1e9, "test")  # skip the CPU matmul probe
-    tc = train_config(out, data_file)
-    model = dataclasses.replace(MODEL, vocab_size=data_vocab_size(tc.data))  # a dataset's own
-    first = loop.run(model, tc, stop_at=2, progress=False)
-    second = loop.run(model, tc, progress=False)
-    import jax
-
-    print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
-                      "first_step": first.step, "resumed_from": second.start_step,
-                      "step": second.step, "val_loss": second.val_loss}))
+    for out, data_file in zip(runs[::2], runs[1::2]):
+        tc = train_config(out, data_file)
+        model = dataclasses.replace(MODEL, vocab_size=data_vocab_size(tc.data))  # a dataset's
+        first = loop.run(model, tc, stop_at=2, progress=False)
+        second = loop.run(model, tc, progress=False)
+        print(json.dumps({"out": out, "process": jax.process_index(),
+                          "devices": jax.device_count(), "first_step": first.step,
+                          "resumed_from": second.start_step, "step": second.step,
+                          "val_loss": second.val_loss}), flush=True)
 
 
 if __name__ == "__main__":

@@ -207,32 +207,43 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow  # two fresh Python processes: ~20 s of CPU
-@pytest.mark.parametrize("kind", ["text", "prepared"])  # raw bytes, or memory-mapped BPE shards
-def test_two_processes_match_one_process(tmp_path, devices, kind):
-    data_file = tmp_path / "corpus.txt"
-    data_file.write_bytes(bytes(data.load_corpus().train[:20_000].astype(np.uint8)))
-    if kind == "prepared":
-        settings = prepare.PrepareSettings(vocab_size=512, val_tokens=2000, shard_bytes=4096)
-        prepare.prepare_dataset([data_file], tmp_path / "ds", settings, log=lambda m: None)
-        data_file = tmp_path / "ds"
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    """Both kinds of data trained by one two-process launch: kind -> (folder, data, outputs)."""
+    tmp = tmp_path_factory.mktemp("two_processes")
+    text = tmp / "corpus.txt"
+    text.write_bytes(bytes(data.load_corpus().train[:20_000].astype(np.uint8)))
+    settings = prepare.PrepareSettings(vocab_size=512, val_tokens=2000, shard_bytes=4096)
+    prepare.prepare_dataset([text], tmp / "ds", settings, log=lambda m: None)
+    runs = {"text": (tmp / "text", text), "prepared": (tmp / "prepared", tmp / "ds")}
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
     address = f"127.0.0.1:{_free_port()}"
+    pairs = [str(x) for folder, data_file in runs.values() for x in (folder / "mp", data_file)]
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multihost_worker.py"),
-                               address, str(i), str(tmp_path / "mp"), str(data_file)],
+                               address, str(i), *pairs],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(NUM_PROCESSES)]
     outs = []
     for p in procs:
         try:
-            out, err = p.communicate(timeout=240)
+            out, err = p.communicate(timeout=300)
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
             raise
         assert p.returncode == 0, err[-3000:]
-        outs.append(json.loads(out.strip().splitlines()[-1]))
+        # The loop's log lines go to stdout too: the results are the JSON lines.
+        outs.append([json.loads(line) for line in out.splitlines() if line.startswith('{')])
+    return {kind: (folder, data_file, [o[i] for o in outs])
+            for i, (kind, (folder, data_file)) in enumerate(runs.items())}
+
+
+@pytest.mark.slow  # two fresh Python processes: ~20 s of CPU
+@pytest.mark.xdist_group("two_processes")  # one launch for both (pyproject.toml: loadgroup)
+@pytest.mark.parametrize("kind", ["text", "prepared"])  # raw bytes, or memory-mapped BPE shards
+def test_two_processes_match_one_process(two_process_runs, devices, kind):
+    tmp_path, data_file, outs = two_process_runs[kind]
     for i, o in enumerate(outs):
         assert o == {**outs[0], "process": i}
     assert outs[0]["devices"] == NUM_PROCESSES * DEVICES_PER_PROCESS

@@ -158,32 +158,42 @@ def test_workload_rejects_mismatched_settings():
                          log=print)
 
 
+def _six_steps(out, mode, mesh_flag, devices, grad_accum=1):
+    """The parameters after 6 steps through the loop into ``out`` on ``devices``."""
+    # AdamW with ε = 1e-4, not the paper's 1e-9: with ε that small Adam turns the float32
+    # rounding noise of gradients that are exactly 0 in exact arithmetic (the key bias:
+    # softmax ignores a shift per row) into full-size steps that differ between paths.
+    tc = dataclasses.replace(TC, out=str(out), steps_per_call=3, log_every=3,
+                             ckpt_every=300, parallel=mode, mesh=mesh_flag,
+                             optimizer="adamw", schedule="constant", lr=1e-3, warmup=1,
+                             eps=1e-4, weight_decay=0.0, grad_accum=grad_accum)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(seq2seq_tasks.TASKS, "reverse", lambda: TASK)
+        mp.setattr(seq2seq, "NUM_VALIDATION", 32)
+        result = loop.run(MODEL, tc, devices=devices, stop_at=6, progress=False,
+                          log=lambda message: None)
+    assert result.step == 6 and result.interrupted
+    return result.state.params
+
+
+@pytest.fixture(scope="module")
+def one_device_params(tmp_path_factory):
+    """The reference of the parallel-path test, trained once per test process."""
+    return _six_steps(tmp_path_factory.mktemp("one"), "none", "", jax.devices()[:1])
+
+
+@pytest.mark.xdist_group("seq2seq_paths")  # one reference run (pyproject.toml: loadgroup)
 @pytest.mark.parametrize("parallel_mode, mesh, n_devices, accum", [
     ("pmap", "", 2, 1), ("sharded", "data=2,fsdp=2", 4, 1), ("shard_map", "", 2, 1),
     ("none", "", 1, 2)])
-def test_seq2seq_runs_the_same_on_every_parallel_path(tmp_path, parallel_mode, mesh, n_devices,
-                                                       accum):
+def test_seq2seq_runs_the_same_on_every_parallel_path(tmp_path, one_device_params,
+                                                       parallel_mode, mesh, n_devices, accum):
     """6 steps through the loop on several (fake) devices, or in 2 micro-batches, equal the
     same 6 steps in one piece on one device, although the parts hold different numbers of
     target tokens (the loss is the mean over all of them, not a mean of means)."""
-    def six_steps(name, mode, mesh_flag, devices, grad_accum=1):
-        # AdamW with ε = 1e-4, not the paper's 1e-9: with ε that small Adam turns the float32
-        # rounding noise of gradients that are exactly 0 in exact arithmetic (the key bias:
-        # softmax ignores a shift per row) into full-size steps that differ between paths.
-        tc = dataclasses.replace(TC, out=str(tmp_path / name), steps_per_call=3, log_every=3,
-                                 ckpt_every=300, parallel=mode, mesh=mesh_flag,
-                                 optimizer="adamw", schedule="constant", lr=1e-3, warmup=1,
-                                 eps=1e-4, weight_decay=0.0, grad_accum=grad_accum)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setitem(seq2seq_tasks.TASKS, "reverse", lambda: TASK)
-            mp.setattr(seq2seq, "NUM_VALIDATION", 32)
-            result = loop.run(MODEL, tc, devices=devices, stop_at=6, progress=False,
-                              log=lambda message: None)
-        assert result.step == 6 and result.interrupted
-        return result.state.params
-
-    one = six_steps("one", "none", "", jax.devices()[:1])
-    many = six_steps(parallel_mode, parallel_mode, mesh, jax.devices()[:n_devices], accum)
+    one = one_device_params
+    many = _six_steps(tmp_path / parallel_mode, parallel_mode, mesh, jax.devices()[:n_devices],
+                      accum)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one), jax.tree.leaves(many)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))
     assert not all(jax.tree.leaves(jax.tree.map(  # and training did move the parameters
