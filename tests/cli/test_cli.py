@@ -43,6 +43,9 @@ def test_train_cli_writes_the_run_directory(run_dir):
     assert all(0 < r["val_loss"] < 6 and r["val_bpb"] > r["val_loss"] for r in evals)
     assert records[-1]["tokens_per_s"] > 0 and 0 < records[-1]["mfu"] < 1
     assert records[-1]["loss"] < records[0]["loss"]  # it learns
+    # train_s leaves out validation (at 10) and checkpoints (10): it falls behind time_s there.
+    gaps = [r["time_s"] - r["train_s"] for r in records]
+    assert gaps[0] == 0 and gaps[1] == 0 and 0 < gaps[2] <= gaps[3]
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == \
         ["10", "20"]
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))

@@ -253,6 +253,7 @@ class _Session:
         self.peak, peak_source = metrics.peak_flops(placement.devices)
         self.schedule = make_schedule(tc, model_cfg.d_model)
         self.val_loss, self.last_eval = math.nan, -1
+        self.paused = 0.0  # wall seconds spent validating and checkpointing so far
         self.rates: list[float] = []
         self.interval: list[dict[str, np.ndarray]] = []
         self.pending = None
@@ -332,7 +333,9 @@ class _Session:
                   "tokens_per_s": tok_s,
                   "mfu": None if tok_s is None else tok_s * self.work.fns.flops_per_token
                   / self.peak,
-                  "time_s": now - self.t_start}  # wall seconds since start: curves' x axis
+                  "time_s": now - self.t_start,  # wall seconds since start: curves' x axis
+                  # ... less validation and checkpoints: comparable across eval intervals
+                  "train_s": now - self.t_start - self.paused}
         self.interval.clear()
         if do_eval:
             self._validate(state, step)
@@ -342,14 +345,18 @@ class _Session:
         self.bar.set_postfix(self.postfix, refresh=False)
 
     def _validate(self, state: Any, step: int) -> None:
+        t0 = time.perf_counter()
         self.val_loss, self.last_eval = self.work.validate(self.placement.params(state)), step
+        self.paused += time.perf_counter() - t0
         bits, per = self.work.bits(self.val_loss)
         self.log(f"step {step}: val_loss {self.val_loss:.4f} nats/{self.work.unit} "
                  f"({bits:.3f} bits/{per})")
 
     def _save(self, step: int, state: Any) -> None:
+        t0 = time.perf_counter()
         meta = {"step": step, "model": self.model_cfg.to_dict(), "train": self.tc.to_dict()}
         self.ckpt.save(step, self.placement.saveable(state), meta)
+        self.paused += time.perf_counter() - t0
 
     def finish(self, state: Any, step: int, interrupted: bool) -> dict[str, Any]:
         """Save an interrupted run; evaluate a finished one. Returns the final evaluation."""
