@@ -41,12 +41,14 @@ from transformer_jax.models import accounting  # noqa: E402
 from transformer_jax.runs import metrics  # noqa: E402
 
 # (name, layers, d_model, heads, d_ff, seq_len, batch)
+# The peer GPT's two published character-level shapes: its CPU config (4×128, T 64, B 12) and
+# its headline config (6×384, T 256; at B 16 here), the shape of the MFU target.
 QUICK = [
-    ("4×128 (peer GPT shape)", 4, 128, 4, 512, 64, 12),
-    ("6×384 (MFU target)", 6, 384, 6, 1536, 256, 4),
+    ("4×128 (peer GPT CPU shape)", 4, 128, 4, 512, 64, 12),
+    ("6×384 (peer GPT headline shape)", 6, 384, 6, 1536, 256, 16),
 ]
 FULL = QUICK + [
-    ("4×256 (cpu-lm)", 4, 256, 4, 1024, 128, 16),
+    ("4×256", 4, 256, 4, 1024, 128, 16),
     ("4×256, T 512", 4, 256, 4, 1024, 512, 4),
     ("6×384, T 64", 6, 384, 6, 1536, 64, 16),
 ]
@@ -54,7 +56,7 @@ FULL = QUICK + [
 
 def _variants(layers, d_model, heads, d_ff, seq_len, batch, k, n_dev):
     """name -> (call() -> metrics, steps per call) for one size; all share the model."""
-    cfg = dataclasses.replace(PRESETS["cpu-lm"], num_decoder_layers=layers, d_model=d_model,
+    cfg = dataclasses.replace(PRESETS["cpu-gpt"], num_decoder_layers=layers, d_model=d_model,
                               num_heads=heads, num_kv_heads=heads, d_ff=d_ff, dropout_rate=0.0,
                               max_len=max(seq_len, 64))
     tc = TrainConfig(batch_size=batch, seq_len=seq_len, steps_per_call=k)
