@@ -43,7 +43,7 @@ from transformer_jax.models import accounting  # noqa: E402
 from transformer_jax.runs import metrics  # noqa: E402
 
 REMAT_SHAPE = {"preset": "gpt2-small", "seq_len": 1024, "batch": 8}
-COMPILE_CFG = dataclasses.replace(PRESETS["cpu-lm"], d_model=256, num_heads=4, num_kv_heads=4,
+COMPILE_CFG = dataclasses.replace(PRESETS["cpu-gpt"], d_model=256, num_heads=4, num_kv_heads=4,
                                   d_ff=1024, max_len=128)
 COMPILE_T, COMPILE_B = 128, 4
 

@@ -48,7 +48,7 @@ from transformer_jax import data, models, parallel, train  # noqa: E402
 from transformer_jax.config import PRESETS, TrainConfig  # noqa: E402
 
 # The timed model: 2 × 128, T 64, B 16 (divisible by 8 devices), k steps per call.
-TIMED = dataclasses.replace(PRESETS["cpu-lm"], num_decoder_layers=2, d_model=128, num_heads=4,
+TIMED = dataclasses.replace(PRESETS["cpu-gpt"], num_decoder_layers=2, d_model=128, num_heads=4,
                             num_kv_heads=4, d_ff=512, max_len=64)
 SEQ_LEN, BATCH, K = 64, 16, 5
 # The memory model: GPT-2 small (124M parameters) as a language model.

@@ -23,9 +23,13 @@ def test_presets_match_the_paper_and_gpt2():
     assert (gpt2.num_decoder_layers, gpt2.d_model, gpt2.num_heads, gpt2.max_len) == (
         12, 768, 12, 1024)
     assert (gpt2.norm, gpt2.positions) == ("pre", "learned")
-    cpu = PRESETS["cpu-lm"]
-    assert cpu.vocab_size == 256 and accounting.num_params(cpu, "lm") < 5_000_000
-    assert {"paper-base", "paper-big", "gpt2-small", "cpu-lm", "tiny"} <= set(PRESETS)
+    for name in ("cpu-lm", "cpu-gpt", "cpu-modern"):  # the default run's and its relatives
+        cpu = PRESETS[name]
+        assert cpu.vocab_size == 256 and accounting.num_params(cpu, "lm") < 5_000_000
+    gpt = PRESETS["cpu-gpt"]  # the minimal GPT peers' architecture
+    assert (gpt.norm_type, gpt.positions, gpt.activation, gpt.share_embeddings) == (
+        "layernorm", "learned", "gelu", True)
+    assert {"paper-base", "paper-big", "gpt2-small", "cpu-lm", "cpu-gpt", "tiny"} <= set(PRESETS)
 
 
 def test_defaults_and_derived():

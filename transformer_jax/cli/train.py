@@ -1,7 +1,7 @@
 """Train a byte-level Transformer language model: ``python train.py [flags]``.
 
 With no flags: the "cpu-lm" preset on the embedded corpus (the Python reference manual that ships
-with CPython), a few minutes on 2 CPU cores. Flags override the preset; ``--help`` lists them.
+with CPython), 5 to 10 minutes on 2 CPU cores. Flags override the preset; ``--help`` lists them.
 ``--task translate`` (or reverse, sort, add) trains the encoder–decoder on a generated
 sequence-to-sequence task instead, with the paper's recipe ("cpu-seq2seq" preset and
 :data:`transformer_jax.train.seq2seq.TRAIN_DEFAULTS`; ``--task translate --help`` shows them), and
@@ -105,8 +105,8 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter)
     _model_flags(p.add_argument_group("model"), d, task)
     _architecture_flags(p.add_argument_group(
-        "architecture and scale (default: the preset's; modern-lm and cpu-modern set the "
-        "modern options)"))
+        "architecture and scale (default: the preset's; cpu-lm, cpu-modern and modern-lm set "
+        "the modern options)"))
     _data_flags(p.add_argument_group("data"), d)
     _optimization_flags(p.add_argument_group("optimization"), d)
     _run_flags(p.add_argument_group("run"), d)
