@@ -10,8 +10,8 @@ folder and deleted afterwards) it measures, each in a fresh process so that peak
 * ``prepare`` (BPE, vocabulary 8192) at both sizes: MB of text per second over the whole run
   and over its encoding phase, and peak RSS;
 * a single-threaded loop over the same tokenizer (``Tokenizer.encode`` one piece at a time,
-  nothing written) on the first 5 MB of the small corpus: the baseline of the encoding
-  throughput;
+  nothing written) on the first 5 MB of the big corpus, right after its ``prepare``: the
+  baseline of the encoding throughput, timed next to what it is compared with;
 * training's data path on each prepared dataset: ``train_batches`` windows of the default
   shape (B 12, T 64, 10 steps per call) from the memory-mapped shards, then ``jax.device_put``
   (host -> device), for a fixed number of calls: tokens/s and peak RSS;
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
             print(name, "prepare", r["prepare"][name], flush=True)
             r["data_path"][name] = _child(["datapath", str(ds)])
             print(name, "data path", r["data_path"][name], flush=True)
-            if name == "20MB":
+            if name != "20MB":  # right after the big prepare: the machine's speed drifts
                 r["encode1"] = _child(["encode1", str(ds), str(src)])
                 print(name, "single-threaded encode", r["encode1"], flush=True)
     r["step"] = _child(["step"])
