@@ -75,7 +75,7 @@ def hlo_categories(hlo: str) -> dict[str, str]:
             out[name] = "reduce"
         elif ops <= {"copy", "transpose", "bitcast", "parameter", "fusion", "tuple",
                      "get-tuple-element", "broadcast", "reshape", "slice", "concatenate",
-                     "dynamic-slice", "dynamic-update-slice"} and op != "custom-call":
+                     "dynamic-slice", "dynamic-update-slice"}:
             out[name] = "layout"
         elif op == "fusion":
             out[name] = "elementwise"
@@ -96,9 +96,8 @@ def _trace_events(trace_dir: str) -> collections.Counter:
                 continue
             for ev in line.events:
                 name = ev.name
-                if name.startswith(("ThreadpoolListener", "ThunkExecutor", "end: ")) \
-                        or name.startswith("$"):
-                    continue
+                if name.startswith(("ThreadpoolListener", "ThunkExecutor", "end: ", "$")):
+                    continue  # the runtime's bookkeeping and Python frames, not XLA ops
                 totals[name] += ev.duration_ns
     return totals
 
@@ -111,8 +110,8 @@ def profile(layers, d_model, heads, d_ff, seq_len, batch, steps, preset="cpu-gpt
     tc = TrainConfig(batch_size=batch, seq_len=seq_len, steps_per_call=1)
     model = models.build_model("transformer", cfg)
     tx = train.make_optimizer(tc, cfg.d_model)
-    fn = jax.jit(functools.partial(train.train_steps, apply_fn=model.apply, tx=tx),
-                 donate_argnums=0)
+    step = jax.jit(functools.partial(train.train_steps, apply_fn=model.apply, tx=tx),
+                   donate_argnums=0)
     state = train.init_state(model, tx, seed=0, seq_len=seq_len)
     tokens = data.load_corpus().train
     flops = accounting.lm_flops_per_token(state.params, cfg, seq_len)
@@ -121,8 +120,9 @@ def profile(layers, d_model, heads, d_ff, seq_len, batch, steps, preset="cpu-gpt
         return data.train_batches(tokens, seed=0, step=i, num_steps=1, batch_size=batch,
                                   seq_len=seq_len)
 
-    categories = hlo_categories(fn.lower(state, batches(0)).compile().as_text())
-    for i in range(2):  # compile, warm up
+    fn = step.lower(state, batches(0)).compile()  # compiled once: its HLO names the ops
+    categories = hlo_categories(fn.as_text())
+    for i in range(2):  # warm up
         state, m = fn(state, batches(i))
     jax.block_until_ready(m)
     walls = []

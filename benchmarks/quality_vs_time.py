@@ -47,8 +47,7 @@ RNN_LAYERS = 2
 BATCH = {64: 12, 256: 4}  # sequences per step: 768 and 1,024 tokens
 # Peak learning rates without --sweep: train.py's default (2e-3, the default run's) for all
 # three. `--sweep` picks each from SWEEP_LR at a third of the budget and records its choice.
-TUNED_LR = {(model, seq_len): 2e-3 for model in ("transformer", "lstm", "gru")
-            for seq_len in (64, 256)}
+TUNED_LR = {(model, seq_len): 2e-3 for model in MODELS for seq_len in BATCH}
 SWEEP_LR = (1e-3, 2e-3, 4e-3, 8e-3)
 EVALS = 12  # validation points per run
 PROBE_STEPS = 20  # two compiled calls: the first compiles, the second is timed
