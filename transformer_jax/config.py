@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
-__all__ = ["AXES", "COMPUTE_ONLY", "PRESETS", "ModelConfig", "TrainConfig", "mesh_axes",
-           "model_identity"]
+__all__ = ["AXES", "COMPUTE_ONLY", "MODERN_OPTIONS", "PRESETS", "ModelConfig", "TrainConfig",
+           "mesh_axes", "model_identity"]
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 Norm = Literal["post", "pre"]
@@ -208,6 +208,12 @@ def model_identity(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in full.items() if k not in COMPUTE_ONLY}
 
 
+MODERN_OPTIONS: dict[str, Any] = dict(
+    norm="pre", norm_type="rmsnorm", positions="rope", activation="swiglu", qk_norm=True,
+    use_bias=False, share_embeddings=False)
+"""The options MaxText and Levanter ship, together: pre-RMSNorm, rotary positions, SwiGLU,
+QK-norm, no biases, untied output embedding (the presets modern-lm, cpu-modern, cpu-lm)."""
+
 PRESETS: dict[str, ModelConfig] = {
     # Table 3, row "base": N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1. vocab_size is a
     # placeholder for the ~37k shared BPE vocabulary of §5.1; set it with dataclasses.replace.
@@ -234,9 +240,8 @@ PRESETS: dict[str, ModelConfig] = {
     # README's "Default run" section has the measurements that chose it.
     "cpu-lm": ModelConfig(
         vocab_size=256, d_model=128, num_heads=4, num_encoder_layers=0,
-        num_decoder_layers=4, d_ff=384, dropout_rate=0.1, max_len=256, norm="pre",
-        norm_type="rmsnorm", positions="rope", activation="swiglu", qk_norm=True,
-        use_bias=False, share_embeddings=False,
+        num_decoder_layers=4, d_ff=384, dropout_rate=0.1, max_len=256,
+        **MODERN_OPTIONS,
     ),
     # A GPT-2-style LM (pre-LN LayerNorm, learned positions, GELU, biases, tied output
     # embedding) of 4 × 192: the architecture the minimal GPT peers use, for like-for-like
@@ -253,21 +258,18 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=256, d_model=128, num_heads=4, num_encoder_layers=2,
         num_decoder_layers=2, d_ff=512, dropout_rate=0.0, max_len=32,
     ),
-    # The options MaxText and Levanter ship, together: pre-RMSNorm, rotary positions, SwiGLU
-    # (F = 8/3·D rounded to 64, the same matmul FLOPs as a 4·D ReLU network), QK-norm, no
-    # biases, untied output embedding. GPT-2 small's size and vocabulary.
+    # MODERN_OPTIONS at GPT-2 small's size and vocabulary; SwiGLU's F = 8/3·D rounded to 64
+    # gives the same matmul FLOPs as a 4·D ReLU network.
     "modern-lm": ModelConfig(
         vocab_size=50257, d_model=768, num_heads=12, num_encoder_layers=0,
-        num_decoder_layers=12, d_ff=2048, dropout_rate=0.0, max_len=1024, norm="pre",
-        norm_type="rmsnorm", positions="rope", activation="swiglu", qk_norm=True,
-        use_bias=False, share_embeddings=False,
+        num_decoder_layers=12, d_ff=2048, dropout_rate=0.0, max_len=1024,
+        **MODERN_OPTIONS,
     ),
     # modern-lm's options at cpu-gpt's size (4 × 192).
     "cpu-modern": ModelConfig(
         vocab_size=256, d_model=192, num_heads=6, num_encoder_layers=0,
-        num_decoder_layers=4, d_ff=512, dropout_rate=0.0, max_len=256, norm="pre",
-        norm_type="rmsnorm", positions="rope", activation="swiglu", qk_norm=True,
-        use_bias=False, share_embeddings=False,
+        num_decoder_layers=4, d_ff=512, dropout_rate=0.0, max_len=256,
+        **MODERN_OPTIONS,
     ),
     # For tests: compiles in seconds.
     "tiny": ModelConfig(

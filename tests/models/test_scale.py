@@ -12,7 +12,7 @@ from model_helpers import tokens as _tokens
 
 from transformer_jax import decoding
 from transformer_jax.cli import train as train_cli
-from transformer_jax.config import PRESETS, model_identity
+from transformer_jax.config import MODERN_OPTIONS, PRESETS, model_identity
 from transformer_jax.models import Transformer, TransformerLM
 from transformer_jax.models.layers import apply_rotary
 from transformer_jax.parallel import sharding
@@ -21,8 +21,7 @@ from transformer_jax.train import cross_entropy
 
 LM = dataclasses.replace(TINY, num_decoder_layers=2, dropout_rate=0.1)
 S2S = dataclasses.replace(TINY, num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.1)
-MODERN = dict(norm="pre", norm_type="rmsnorm", positions="rope", activation="swiglu",
-              qk_norm=True, use_bias=False, share_embeddings=False)
+MODERN = MODERN_OPTIONS
 
 
 def _lm_loss(cfg):
