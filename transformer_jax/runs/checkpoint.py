@@ -20,7 +20,9 @@ Reliability (as orbax-checkpoint 0.12.8 behaves):
   :class:`CheckpointWriteError` naming the step, the cause and the last good step, which stays
   intact (the half-written step is a temporary folder, ignored like a killed save). The
   tracebacks orbax logs from those threads (absl logging) are kept off the terminal while the
-  checkpointer is open.
+  checkpointer is open; so are the "Future exception was never retrieved" records asyncio logs
+  when orbax's failed futures are garbage-collected, later (often at interpreter exit), for a
+  directory whose failure was reported.
 * Only a writer (``cleanup_tmp=True``: the training loop, holding the run's lock) removes
   temporary folders; a reader opened while a run is saving must not delete the save in flight.
 """
@@ -66,6 +68,38 @@ class _OrbaxErrors(logging.Filter):
             self.last = record.getMessage().splitlines()[0][:300]
             return False
         return True
+
+
+class _UnretrievedSaveErrors(logging.Filter):
+    """Drops asyncio's "Future (or Task) exception was never retrieved" records for the failed saves
+    already reported as a :class:`CheckpointWriteError`.
+
+    orbax's save threads leave futures holding the same error; asyncio logs each one when it is
+    garbage-collected, which can be after the checkpointer is closed (at interpreter exit). So
+    this filter stays installed, and it only matches errors that name a directory whose failure
+    was reported: any other unretrieved future is still logged.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.directories: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "exception was never retrieved" not in record.getMessage().split("\n", 1)[0]:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return not any(d in str(error) for d in self.directories)
+
+
+_UNRETRIEVED = _UnretrievedSaveErrors()
+
+
+def _forget_unretrieved(directory: Path) -> None:
+    """From now on, keep asyncio's records of failed futures under ``directory`` off the log."""
+    _UNRETRIEVED.directories.add(str(directory))
+    asyncio_log = logging.getLogger("asyncio")
+    if _UNRETRIEVED not in asyncio_log.filters:
+        asyncio_log.addFilter(_UNRETRIEVED)
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -307,6 +341,7 @@ class Checkpointer:
         """The one-line error for the failed save of ``step`` (default: the pending one)."""
         step = self._pending if step is None else step
         self._pending, self._errors.last = None, None
+        _forget_unretrieved(self.directory)
         why, todo = why_not_written(error)
         good = [s for s in self.all_steps() if step is None or s < step]
         kept = (f"the last good checkpoint, step {good[-1]}, is intact" if good else
