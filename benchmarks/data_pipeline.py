@@ -13,7 +13,7 @@ folder and deleted afterwards) it measures, each in a fresh process so that peak
   nothing written) on the first 5 MB of the big corpus, right after its ``prepare``: the
   baseline of the encoding throughput, timed next to what it is compared with;
 * training's data path on each prepared dataset: ``train_batches`` windows of the default
-  shape (B 12, T 64, 10 steps per call) from the memory-mapped shards, then ``jax.device_put``
+  shape (B 12, T 64, 10 steps per call) from the shards on disk, then ``jax.device_put``
   (host -> device), for a fixed number of calls: tokens/s and peak RSS;
 * a small model's compiled train call (cpu-gpt, B 12, T 64, 10 steps: a shorter step than the
   default run's, so the data path's share is not understated), measured on the same machine.

@@ -1,5 +1,5 @@
 """Prepared datasets: the tokenizers, ``prepare`` (streaming, atomic, deterministic), the
-memory-mapped windows against the flat token array, and every bad input as one readable error."""
+windows read from the shards against the flat token array, and every bad input as one readable error."""
 
 import gzip
 import json
@@ -54,7 +54,7 @@ def dataset(tmp_path_factory):
 
 
 def _flat(ds, split):
-    """The split as one array, read straight from the shard files (no memory map)."""
+    """The split as one array, read straight from the shard files (np.fromfile)."""
     shards = ds.meta["splits"][split]["shards"]
     return np.concatenate([np.fromfile(ds.path / s["file"], ds.meta["dtype"]) for s in shards])
 
@@ -133,6 +133,13 @@ def test_windows_equal_those_of_the_flat_array(dataset):
         for row, start in enumerate(starts):
             assert np.array_equal(got[s - 3, row], flat_train[start:start + 38])
     assert np.array_equal(data.train_batches(ds.train, **kw, rows=slice(2, 4)), got[:, 2:4])
+    # Any other index (repeats, gaps, descending, across shards), slices with a step, empty.
+    rng = np.random.default_rng(1)
+    for index in (rng.integers(0, len(flat_train), (5, 7)), np.arange(len(flat_train))[::-3],
+                  np.zeros((0, 4), np.int64), slice(3, len(flat_train), 11)):
+        assert np.array_equal(ds.train[index], flat_train[index])
+    with pytest.raises(IndexError):
+        ds.train[np.asarray([len(flat_train)])]
     # Validation: consecutive windows of stride T, the tail padded with IGNORE.
     val = list(data.eval_batches(ds.val, batch_size=4, seq_len=37))
     windows = np.concatenate(val)

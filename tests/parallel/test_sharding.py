@@ -241,7 +241,7 @@ def two_process_runs(tmp_path_factory):
 
 @pytest.mark.slow  # two fresh Python processes: ~20 s of CPU
 @pytest.mark.xdist_group("two_processes")  # one launch for both (pyproject.toml: loadgroup)
-@pytest.mark.parametrize("kind", ["text", "prepared"])  # raw bytes, or memory-mapped BPE shards
+@pytest.mark.parametrize("kind", ["text", "prepared"])  # raw bytes, or BPE shards on disk
 def test_two_processes_match_one_process(two_process_runs, devices, kind):
     tmp_path, data_file, outs = two_process_runs[kind]
     for i, o in enumerate(outs):

@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     d = PrepareSettings()
     p = cli.ArgumentParser(
         prog="python -m transformer_jax.prepare",
-        description="Tokenize text sources into a dataset folder that train.py --data memory-maps.")
+        description="Tokenize text sources into a dataset folder that train.py --data reads.")
     p.add_argument("sources", nargs="+", metavar="SRC",
                    help="text files, folders, .jsonl files, or their .gz form")
     p.add_argument("--out", required=True, metavar="DIR", help="the dataset folder to write")

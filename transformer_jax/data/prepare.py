@@ -1,4 +1,4 @@
-"""``prepare``: sources -> a tokenized dataset on disk that training memory-maps.
+"""``prepare``: sources -> a tokenized dataset on disk that training reads in place.
 
 The folder it writes holds
 

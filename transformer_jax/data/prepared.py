@@ -1,9 +1,9 @@
-"""Reading a prepared dataset (:mod:`transformer_jax.data.prepare`): checked, memory-mapped.
+"""Reading a prepared dataset (:mod:`transformer_jax.data.prepare`): checked, read on demand.
 
 :func:`open_dataset` checks ``meta.json`` against the files before training starts: every
 shard present with exactly the size ``meta.json`` gives, a whole number of tokens, and the
-tokenizer unchanged (its sha256). The splits are :class:`ShardedTokens`: the shards mapped
-into memory, read only where a batch looks, so a dataset of any size costs no memory up front.
+tokenizer unchanged (its sha256). The splits are :class:`ShardedTokens`: the shards read only
+where a batch looks, so a dataset of any size costs no memory.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -44,44 +43,70 @@ class ShardedTokens:
 
     Supports ``len`` and indexing by a slice or an integer array (what the batch functions of
     :mod:`transformer_jax.data.batches` use); a window may span two shards. Every read checks
-    its ids against the vocabulary. Pages read are handed back to the kernel after each read
-    (``madvise(MADV_DONTNEED)``): they stay in the page cache, but not in this process's
-    resident memory, which so stays flat however much of the corpus training has seen.
+    its ids against the vocabulary.
+
+    The shards are read with ``preadv`` straight into the batch, never mapped: a page fault in
+    a mapped file maps the whole page-cache folio around it (on ext4 with large folios, up to
+    megabytes per window), so a batch of random windows from a large mapped corpus briefly held
+    hundreds of MB in this process even with the pages released after each read. Read this
+    way, the file's pages stay in the kernel's page cache and this process's memory stays flat
+    however large the corpus.
     """
 
     def __init__(self, paths: list[Path], dtype: np.dtype, vocab_size: int):
-        self._maps, self._arrays, starts = [], [], [0]
-        for path in paths:
-            with open(path, "rb") as f:
-                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            # Random crops read a few pages each; with the kernel's readahead every fault would
-            # map a whole large folio (megabytes) into this process.
-            m.madvise(mmap.MADV_RANDOM)
-            self._maps.append(m)
-            self._arrays.append(np.frombuffer(m, dtype))
-            starts.append(starts[-1] + len(self._arrays[-1]))
-        self._starts = np.asarray(starts, np.int64)
+        self._files = [open(path, "rb", buffering=0) for path in paths]  # noqa: SIM115
+        sizes = [os.fstat(f.fileno()).st_size // dtype.itemsize for f in self._files]
+        self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self._paths, self.dtype, self.vocab_size = paths, dtype, vocab_size
 
     def __len__(self) -> int:
         return int(self._starts[-1])
 
+    def _read_into(self, out: np.ndarray, start: int) -> None:
+        """Fill ``out`` ([n], contiguous) with the ids ``start .. start + n - 1``."""
+        done = 0
+        while done < len(out):
+            pos = start + done
+            s = int(np.searchsorted(self._starts, pos, side="right")) - 1
+            n = min(len(out) - done, int(self._starts[s + 1]) - pos)
+            view = memoryview(out[done:done + n]).cast("B")
+            offset = (pos - int(self._starts[s])) * self.dtype.itemsize
+            if os.preadv(self._files[s].fileno(), [view], offset) != view.nbytes:
+                raise DataError(f"shard {self._paths[s]} became shorter while training read "
+                                "it; prepare the dataset again")
+            if n and int(out[done:done + n].max()) >= self.vocab_size:
+                raise DataError(f"{self._paths[s]} holds token id {int(out[done:done + n].max())}"
+                                f", not below the vocabulary size {self.vocab_size}; the dataset "
+                                "is damaged, prepare it again")
+            done += n
+
     def __getitem__(self, index: Any) -> np.ndarray:
         if isinstance(index, slice):
-            index = np.arange(*index.indices(len(self)))
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            out = np.empty(max(0, stop - start), self.dtype)
+            self._read_into(out, start)
+            return out
         index = np.asarray(index, np.int64)
-        shard = np.searchsorted(self._starts, index, side="right") - 1
-        out = np.empty(index.shape, self.dtype)
-        for s in np.unique(shard):
-            mask = shard == s
-            out[mask] = self._arrays[s][index[mask] - self._starts[s]]
-            self._maps[s].madvise(mmap.MADV_DONTNEED)
-        if out.size and int(out.max()) >= self.vocab_size:
-            s = int(shard.flat[int(np.argmax(out))])
-            raise DataError(f"{self._paths[s]} holds token id {int(out.max())}, not below the "
-                            f"vocabulary size {self.vocab_size}; the dataset is damaged, "
-                            "prepare it again")
-        return out
+        if not index.size:
+            return np.empty(index.shape, self.dtype)
+        if (int(index.min()) < 0 or int(index.max()) >= len(self)):
+            raise IndexError(f"token index out of range for a split of {len(self)} tokens")
+        rows = index.reshape(-1, index.shape[-1] if index.ndim else 1)
+        out = np.empty(rows.shape, self.dtype)
+        if rows.shape[1] and bool(np.all(np.diff(rows, axis=1) == 1)):  # windows: one read each
+            for r, first in enumerate(rows[:, 0].tolist()):
+                self._read_into(out[r], first)
+        else:  # any other index: read the runs of consecutive ids among those asked for
+            ids, inverse = np.unique(rows, return_inverse=True)
+            got = np.empty(ids.shape, self.dtype)
+            runs = np.split(np.arange(len(ids)), np.flatnonzero(np.diff(ids) != 1) + 1)
+            for run in runs:
+                if len(run):
+                    self._read_into(got[run[0]:run[-1] + 1], int(ids[run[0]]))
+            out = got[inverse.reshape(rows.shape)]
+        return out.reshape(index.shape)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The Transformer LM (or a recurrent baseline, ``--model lstm|gru``) on ``TrainConfig.data``:
 the embedded corpus or text files as bytes, or a dataset prepared by ``python -m
-transformer_jax.prepare`` (memory-mapped token shards and their tokenizer, which the run
+transformer_jax.prepare`` (token shards read on demand and their tokenizer, which the run
 directory keeps a copy of). Batches are random crops, a pure function of (seed, step);
 validation covers the whole validation split once; the end of training samples text from
 ``TrainConfig.sample_prompt``.
