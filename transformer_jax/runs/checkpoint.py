@@ -21,8 +21,8 @@ Reliability (as orbax-checkpoint 0.12.8 behaves):
   intact (the half-written step is a temporary folder, ignored like a killed save). The
   tracebacks orbax logs from those threads (absl logging) are kept off the terminal while the
   checkpointer is open; so are the "Future exception was never retrieved" records asyncio logs
-  when orbax's failed futures are garbage-collected, later (often at interpreter exit), for a
-  directory whose failure was reported.
+  when orbax's failed futures for this directory are garbage-collected, whenever that happens
+  (often at interpreter exit, after the error was reported).
 * Only a writer (``cleanup_tmp=True``: the training loop, holding the run's lock) removes
   temporary folders; a reader opened while a run is saving must not delete the save in flight.
 """
@@ -71,13 +71,14 @@ class _OrbaxErrors(logging.Filter):
 
 
 class _UnretrievedSaveErrors(logging.Filter):
-    """Drops asyncio's "Future (or Task) exception was never retrieved" records for the failed saves
-    already reported as a :class:`CheckpointWriteError`.
+    """Drops asyncio's "Future (or Task) exception was never retrieved" records of failed
+    saves into a checkpointer's directory: each failure reaches the caller as one
+    :class:`CheckpointWriteError`.
 
     orbax's save threads leave futures holding the same error; asyncio logs each one when it is
-    garbage-collected, which can be after the checkpointer is closed (at interpreter exit). So
-    this filter stays installed, and it only matches errors that name a directory whose failure
-    was reported: any other unretrieved future is still logged.
+    garbage-collected, which may be before the error is raised or after the checkpointer is
+    closed (at interpreter exit). So this filter stays installed, and it only matches errors
+    that name the directory of a checkpointer: any other unretrieved future is still logged.
     """
 
     def __init__(self):
@@ -94,7 +95,7 @@ class _UnretrievedSaveErrors(logging.Filter):
 _UNRETRIEVED = _UnretrievedSaveErrors()
 
 
-def _forget_unretrieved(directory: Path) -> None:
+def _quiet_unretrieved(directory: Path) -> None:
     """From now on, keep asyncio's records of failed futures under ``directory`` off the log."""
     _UNRETRIEVED.directories.add(str(directory))
     asyncio_log = logging.getLogger("asyncio")
@@ -169,6 +170,7 @@ class Checkpointer:
         self._pending: int | None = None  # the step whose save may still be running
         self._errors = _OrbaxErrors()
         logging.getLogger("absl").addFilter(self._errors)  # orbax logs through absl
+        _quiet_unretrieved(self.directory)
         self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     # ---- queries ------------------------------------------------------------------------
@@ -341,7 +343,6 @@ class Checkpointer:
         """The one-line error for the failed save of ``step`` (default: the pending one)."""
         step = self._pending if step is None else step
         self._pending, self._errors.last = None, None
-        _forget_unretrieved(self.directory)
         why, todo = why_not_written(error)
         good = [s for s in self.all_steps() if step is None or s < step]
         kept = (f"the last good checkpoint, step {good[-1]}, is intact" if good else
