@@ -21,7 +21,6 @@ from transformer_jax.train import cross_entropy
 
 LM = dataclasses.replace(TINY, num_decoder_layers=2, dropout_rate=0.1)
 S2S = dataclasses.replace(TINY, num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.1)
-MODERN = MODERN_OPTIONS
 
 
 def _lm_loss(cfg):
@@ -121,7 +120,7 @@ def test_scanned_layers_equal_the_unscanned_model_restacked(kind):
 
 
 def test_scanned_kv_cache_decoding_equals_the_full_forward():
-    cfg = dataclasses.replace(TINY, num_decoder_layers=2, scan_layers=True, **MODERN)
+    cfg = dataclasses.replace(TINY, num_decoder_layers=2, scan_layers=True, **MODERN_OPTIONS)
     model = TransformerLM(cfg)
     x = _tokens(5, (2, 10))
     params = model.init(KEY, x)["params"]
@@ -170,7 +169,7 @@ def test_rotary_scores_depend_only_on_the_offset():
                          ids=str)
 def test_cached_decoding_equals_the_full_forward_for_every_option(option):
     name, value = option
-    changes = MODERN if name == "all" else {name: value}
+    changes = MODERN_OPTIONS if name == "all" else {name: value}
     cfg = dataclasses.replace(TINY, num_decoder_layers=1, num_encoder_layers=1, **changes)
     lm = TransformerLM(cfg)
     x = _tokens(6, (2, 8))
@@ -220,7 +219,7 @@ def test_z_loss_adds_the_squared_log_normaliser():
 
 
 def test_bfloat16_compute_keeps_parameters_moments_norms_and_logits_in_float32():
-    cfg = dataclasses.replace(TINY, num_decoder_layers=1, dtype="bfloat16", **MODERN)
+    cfg = dataclasses.replace(TINY, num_decoder_layers=1, dtype="bfloat16", **MODERN_OPTIONS)
     model = TransformerLM(cfg)
     x = _tokens(8, (2, 8))
     params = model.init(KEY, x)["params"]

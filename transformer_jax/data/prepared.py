@@ -74,7 +74,7 @@ class ShardedTokens:
             if os.preadv(self._files[s].fileno(), [view], offset) != view.nbytes:
                 raise DataError(f"shard {self._paths[s]} became shorter while training read "
                                 "it; prepare the dataset again")
-            if n and int(out[done:done + n].max()) >= self.vocab_size:
+            if int(out[done:done + n].max()) >= self.vocab_size:
                 raise DataError(f"{self._paths[s]} holds token id {int(out[done:done + n].max())}"
                                 f", not below the vocabulary size {self.vocab_size}; the dataset "
                                 "is damaged, prepare it again")
@@ -91,7 +91,7 @@ class ShardedTokens:
         index = np.asarray(index, np.int64)
         if not index.size:
             return np.empty(index.shape, self.dtype)
-        if (int(index.min()) < 0 or int(index.max()) >= len(self)):
+        if int(index.min()) < 0 or int(index.max()) >= len(self):
             raise IndexError(f"token index out of range for a split of {len(self)} tokens")
         rows = index.reshape(-1, index.shape[-1] if index.ndim else 1)
         out = np.empty(rows.shape, self.dtype)
