@@ -20,6 +20,7 @@ import numpy as np
 
 from transformer_jax.attention import attention_weights, dot_product_attention
 from transformer_jax.config import ModelConfig
+from transformer_jax.models.dropout import Dropout
 
 __all__ = [
     "DecoderBlock",
@@ -255,7 +256,7 @@ class FeedForward(nn.Module):
 
 def _sublayer(cfg: ModelConfig, x, fn, ln: nn.Module, deterministic: bool):
     """Residual connection around ``fn`` with dropout (§5.4) and post- (§3.1) or pre-LN."""
-    drop = functools.partial(nn.Dropout(cfg.dropout_rate), deterministic=deterministic)
+    drop = functools.partial(Dropout(cfg.dropout_rate), deterministic=deterministic)
     if cfg.norm == "pre":
         return x + drop(fn(ln(x).astype(x.dtype)))
     return ln(x + drop(fn(x))).astype(x.dtype)

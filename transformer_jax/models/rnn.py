@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.config import ModelConfig
+from transformer_jax.models.dropout import Dropout
 from transformer_jax.models.accounting import count_params
 
 __all__ = ["GRULM", "LSTMLM", "RNNLM", "match_rnn_width"]
@@ -72,13 +73,13 @@ class RNNLM(nn.Module):
                          embedding_init=nn.initializers.normal(stddev=cfg.d_model**-0.5),
                          name="embed")
         x = embed(tokens)  # [B, T, D]
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         carries = []
         for i in range(cfg.num_decoder_layers):
             rnn = nn.RNN(self._cell(i), name=f"rnn_{i}")
             c, x = rnn(x, initial_carry=None if carry is None else carry[i], return_carry=True)
             carries.append(c)
-            x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+            x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         if cfg.share_embeddings:
             logits = embed.attend(x)
         else:

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax.config import ModelConfig
+from transformer_jax.models.dropout import Dropout
 from transformer_jax.models.layers import (
     PositionalEncoding,
     dense,
@@ -98,7 +99,7 @@ class Transformer(nn.Module):
         if not cfg.share_embeddings:
             self.src_embed = _embed_module(cfg, "src_embed")
         self.positions = PositionalEncoding(cfg)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
         self.encoder_layers = layer_stack(cfg, "encoder", "encoder")
         self.decoder_layers = layer_stack(cfg, "decoder", "decoder")
         if cfg.norm == "pre":
@@ -219,7 +220,7 @@ class TransformerLM(nn.Module):
         embed = _embed_module(cfg, "embed")
         x = embed(tokens) * jnp.asarray(np.sqrt(cfg.d_model), cfg.compute_dtype)  # §3.4
         x = PositionalEncoding(cfg, name="positions")(x, decode=decode)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = run_stack(layer_stack(cfg, "lm", "layer"), x, None, deterministic, decode)
         if cfg.norm == "pre":
             x = norm(cfg, "decoder_norm")(x).astype(x.dtype)
