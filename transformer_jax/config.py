@@ -410,7 +410,7 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.99
     eps: float = 1e-8
-    weight_decay: float = 0.1
+    weight_decay: float = 0.3
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
     z_loss: float = 0.0
