@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.config import ModelConfig
-from transformer_jax.models.dropout import Dropout
 from transformer_jax.models.accounting import count_params
+from transformer_jax.models.dropout import Dropout
 
 __all__ = ["GRULM", "LSTMLM", "RNNLM", "match_rnn_width"]
 
