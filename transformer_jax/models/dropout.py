@@ -1,8 +1,8 @@
 """Dropout (§5.4, Srivastava et al. 2014) whose masks come from a counter-based hash.
 
-:class:`Dropout` is a drop-in for ``flax.linen.Dropout`` (same ``rate`` and ``deterministic``,
-same ``"dropout"`` rng collection, inverted scaling by 1 / (1 - rate)). Only where the random
-bits come from differs:
+:class:`Dropout` is a drop-in for ``flax.linen.Dropout`` as the models use it (same ``rate`` and
+``deterministic``, same ``"dropout"`` rng collection, inverted scaling by 1 / (1 - rate); no
+``broadcast_dims``). Only where the random bits come from differs:
 
 * ``flax.linen.Dropout`` draws 32 bits per element with ``jax.random.bernoulli``, i.e. the
   threefry-2x32 generator. On a CPU, XLA lowers threefry as a rolled loop of its rounds, which
@@ -17,7 +17,8 @@ bits come from differs:
 The hash is ``lowbias32`` (C. Wellons, "Prospecting for Hash Functions", 2018: two
 multiply-xorshift rounds, a full-avalanche 32-bit permutation). The row (all axes but the last,
 flattened) is hashed with the seed first, then the column is added and the sum hashed again,
-so shapes of more than 2^32 elements still get distinct counters. An element is kept when its
+so an array of more than 2^32 elements (fewer than 2^32 rows) still gives every element its own
+(row, column) counter. An element is kept when its
 hash is below round((1 - rate) · 2^32), which is 1 - rate to within 2^-32.
 
 The mask is a function of the key and of each element's position in the (global) array, not of
