@@ -21,6 +21,7 @@ import numpy as np
 from transformer_jax.attention import attention_weights, dot_product_attention
 from transformer_jax.config import ModelConfig
 from transformer_jax.models.dropout import Dropout
+from transformer_jax.models.matmul import dot_general
 
 __all__ = [
     "DecoderBlock",
@@ -79,9 +80,10 @@ def apply_rotary(x, positions):
 
 
 def dense(cfg: ModelConfig, features, name: str, axis=-1) -> nn.DenseGeneral:
-    """A projection in the compute dtype, parameters in ``param_dtype``, bias per ``use_bias``."""
+    """A projection in the compute dtype, parameters in ``param_dtype``, bias per ``use_bias``;
+    its backward pass is plain matmuls (:mod:`transformer_jax.models.matmul` says why)."""
     return nn.DenseGeneral(features, axis=axis, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-                           param_dtype=cfg.params_dtype, name=name)
+                           param_dtype=cfg.params_dtype, dot_general=dot_general, name=name)
 
 
 def norm(cfg: ModelConfig, name: str) -> nn.Module:
