@@ -1,7 +1,7 @@
 """Train a byte-level Transformer language model: ``python train.py [flags]``.
 
 With no flags: the "cpu-lm" preset on the embedded corpus (the Python reference manual that ships
-with CPython), about 5 to 6 minutes on 2 CPU cores. Flags override the preset; ``--help`` lists them.
+with CPython), about 4 to 5 minutes on 2 CPU cores. Flags override the preset; ``--help`` lists them.
 ``--task translate`` (or reverse, sort, add) trains the encoder–decoder on a generated
 sequence-to-sequence task instead, with the paper's recipe ("cpu-seq2seq" preset and
 :data:`transformer_jax.train.seq2seq.TRAIN_DEFAULTS`; ``--task translate --help`` shows them), and
