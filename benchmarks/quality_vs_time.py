@@ -46,7 +46,8 @@ MODELS = ("transformer", "lstm", "gru")
 RNN_LAYERS = 2
 BATCH = {64: 12, 256: 4}  # sequences per step: 768 and 1,024 tokens
 # Peak learning rates without --sweep: 2e-3 for all three (train.py's peak rate when the README's
-# figures were measured; the default has since moved to 4e-3 over a shorter schedule). `--sweep` picks each from SWEEP_LR at a third of the budget and records its choice.
+# figures were measured; the default has since moved to 4e-3 over a shorter schedule). `--sweep`
+# picks each from SWEEP_LR at a third of the budget and records its choice.
 TUNED_LR = {(model, seq_len): 2e-3 for model in MODELS for seq_len in BATCH}
 SWEEP_LR = (1e-3, 2e-3, 4e-3, 8e-3)
 # train.py's weight decay when the README's figures were measured (the default is now 0.3); all

@@ -236,8 +236,9 @@ PRESETS: dict[str, ModelConfig] = {
     # The default training run (python train.py, with TrainConfig's defaults): a byte-level
     # (V=256) LM with the modern options, sized for a 5-minute budget on 2 CPU cores. On the
     # embedded corpus (420 kB) such a run sees the text many times, so the budget buys
-    # context (T 128) and steps for a small model, with dropout against overfitting; the
-    # README's "Default run" section has the measurements that chose it.
+    # context (T 128) and steps for a small model, with dropout (and TrainConfig's weight
+    # decay 0.3) against overfitting; the README's "Default run" section has the measurements
+    # that chose it.
     "cpu-lm": ModelConfig(
         vocab_size=256, d_model=128, num_heads=4, num_encoder_layers=0,
         num_decoder_layers=4, d_ff=384, dropout_rate=0.1, max_len=256,

@@ -26,7 +26,8 @@ def _np_lowbias32(x):
 def _np_mask(seed, shape, keep):
     """The module docstring's formula in NumPy (64-bit integers, reduced mod 2^32)."""
     rows, cols = int(np.prod(shape[:-1])), shape[-1]
-    row_key = _np_lowbias32(np.uint64(seed) ^ _np_lowbias32(np.arange(rows, dtype=np.uint64)))[:, None]
+    row = np.arange(rows, dtype=np.uint64)
+    row_key = _np_lowbias32(np.uint64(seed) ^ _np_lowbias32(row))[:, None]
     bits = _np_lowbias32((row_key + np.arange(cols, dtype=np.uint64)) & np.uint64(0xFFFFFFFF))
     return (bits < round(keep * 2**32)).reshape(shape)
 

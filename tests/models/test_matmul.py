@@ -28,7 +28,8 @@ def _loss(fn, k, ct):
 
 
 def _np_grads(x, w, k, ct):
-    """d/dx, d/dw of sum((x · w) * ct) in float64: ct · wᵀ and xᵀ · ct over the merged tokens."""
+    """d/dx, d/dw of sum((x · w) * ct) in float64: ct · wᵀ, and xᵀ · ct over the merged
+    tokens."""
     x, w, ct = (np.asarray(a, np.float64) for a in (x, w, ct))
     K, F = int(np.prod(w.shape[:k])), int(np.prod(w.shape[k:]))
     x2, w2, ct2 = x.reshape(-1, K), w.reshape(K, F), ct.reshape(-1, F)

@@ -64,13 +64,13 @@ def _matmul_fwd(x, w, k, precision, preferred):
 
 def _matmul_bwd(k, precision, preferred, residuals, dy):
     x, w = residuals
-    lead, n_out = x.shape[:-k], w.ndim - k
+    n_out = w.ndim - k
     # dx = dy · wᵀ: contract the feature axes F of dy [..., F] and w [K, F].
     out_dims = tuple(range(dy.ndim - n_out, dy.ndim)), tuple(range(k, w.ndim))
     dx = lax.dot_general(dy, w, (out_dims, ((), ())), precision=precision,
                          preferred_element_type=x.dtype)
     # dw = xᵀ · dy over the merged token axis M: [M, K...] x [M, F...] -> [K..., F...].
-    m = math.prod(lead)
+    m = math.prod(x.shape[:-k])
     x2, dy2 = x.reshape((m,) + x.shape[-k:]), dy.reshape((m,) + dy.shape[-n_out:])
     dw = lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())), precision=precision,
                          preferred_element_type=w.dtype)
