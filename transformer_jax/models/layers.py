@@ -95,6 +95,18 @@ def norm(cfg: ModelConfig, name: str) -> nn.Module:
                         param_dtype=cfg.params_dtype, name=name)
 
 
+def _unstack(x):
+    """The fused projections' [..., n, N, H] output as n arrays [..., N, H].
+
+    A split, not moveaxis-and-unpack: the backward of a split is one concatenate, where
+    unpacking's is a pad per slice, summed; and XLA's CPU backend wrote the moved axis out whole
+    before slicing it. Measured on the 6-layer, d_model 384 step (T 256, batch 16): ~2% faster
+    in three interleaved A/Bs, identical losses; no change at the default run's shape.
+    """
+    n = x.shape[-3]
+    return tuple(a.squeeze(-3) for a in jax.lax.split(x, (1,) * n, axis=x.ndim - 3))
+
+
 class PositionalEncoding(nn.Module):
     """Adds sinusoidal (§3.5) or learned positions; in decode mode from the cache index.
 
@@ -149,12 +161,12 @@ class MultiHeadAttention(nn.Module):
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         if not self.cross and K == N:
             # One fused projection: a single [D, 3·N·H] matmul instead of three.
-            q, k, v = jnp.moveaxis(dense(cfg, (3, N, H), "qkv")(x), -3, 0)
+            q, k, v = _unstack(dense(cfg, (3, N, H), "qkv")(x))
         else:
             q = dense(cfg, (N, H), "query")(x)
             source = context if self.cross else x
             kv = None if source is None else dense(cfg, (2, K, H), "kv")(source)
-            k, v = (None, None) if kv is None else jnp.moveaxis(kv, -3, 0)
+            k, v = (None, None) if kv is None else _unstack(kv)
         if cfg.qk_norm:  # RMS-normalised queries and keys bound the logits (Dehghani et al.)
             qk_norm = functools.partial(nn.RMSNorm, epsilon=cfg.layer_norm_eps,
                                         param_dtype=cfg.params_dtype)
