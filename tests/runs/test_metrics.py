@@ -1,13 +1,14 @@
 """Metric writers (JSONL + TensorBoard), FLOP counts, peak FLOP/s and the loss plot."""
 
+import itertools
 import json
 import math
 import types
 
 import pytest
 
-from transformer_jax.runs import metrics
 from transformer_jax.models import accounting
+from transformer_jax.runs import metrics
 
 
 def test_flops_per_token_formula():
@@ -94,7 +95,11 @@ def _events(directory):
     return events
 
 
-def test_tensorboard_events_hold_the_scalars_and_a_resume_purges_later_points(tmp_path):
+def test_tensorboard_events_hold_the_scalars_and_a_resume_purges_later_points(tmp_path,
+                                                                             monkeypatch):
+    # Files 9 and 10 of this process: their names must sort in the order they were opened
+    # (TensorBoard reads them in name order; unpadded, "10" sorted before "9").
+    monkeypatch.setattr(metrics, "_EVENT_FILES", itertools.count(9))
     with metrics.MetricsWriter(tmp_path) as w:
         for step in (10, 20, 30):
             w.write({"step": step, "loss": 1.0 / step, "lr": 1e-3, "tokens_per_s": None})

@@ -200,9 +200,11 @@ class _EventFile:
 
         self.directory.mkdir(parents=True, exist_ok=True)
         # tensorboardX names the file by the second and the host only; a writer opened within
-        # the same second (a quick resume) would truncate the previous file.
+        # the same second (a quick resume) would truncate the previous file. The counter is
+        # zero-padded because TensorBoard reads a directory's files in name order: file 10
+        # must not sort before file 9.
         self._events = EventsWriter(str(self.directory / "events"),
-                                    f".{os.getpid()}.{next(_EVENT_FILES)}")
+                                    f".{os.getpid()}.{next(_EVENT_FILES):06d}")
         if purge_step is not None:  # as SummaryWriter(purge_step=...): TensorBoard drops points
             # at or after purge_step, logged by a run that was interrupted after its checkpoint
             self._events.write_event(Event(step=purge_step, file_version="brain.Event:2"))
