@@ -9,7 +9,10 @@ For every (model size, sequence length) it times the same pure step
 * ``jit k=1``: one optimizer step per compiled call — the baseline every ratio refers to;
 * ``jit k=K``: K steps per call in one ``lax.scan`` (what ``train.py`` does);
 * ``pmap×N k=K``: the data-parallel step over N devices. On a CPU these are N fake devices
-  sharing the same cores, so the row tests that the path runs correctly, not a speed-up.
+  sharing the same cores, so the row tests that the path runs correctly, not a speed-up;
+* ``jit k=1, JAX dense backward``: the baseline with ``dense_backward="jax"``, JAX's own
+  transpose rule for the projections instead of the models' plain-matmul backward
+  (:mod:`transformer_jax.models.matmul`). Its ``× jit k=1`` below 1 is that change's speed-up.
 
 Timing: compile and one warm-up call first, then the variants of one size are called round-robin
 (so machine load hits them alike), each call blocked with ``block_until_ready``; the median of
@@ -62,14 +65,16 @@ def _variants(layers, d_model, heads, d_ff, seq_len, batch, k, n_dev):
     tc = TrainConfig(batch_size=batch, seq_len=seq_len, steps_per_call=k)
     model = models.build_model("transformer", cfg)
     tx = train.make_optimizer(tc, cfg.d_model)
-    step = functools.partial(train.train_steps, apply_fn=model.apply, tx=tx)
     tokens = data.load_corpus().train
     flops = accounting.lm_flops_per_token(
         jax.eval_shape(lambda: train.init_state(model, tx, seed=0, seq_len=seq_len)).params,
         cfg, seq_len)
     devices = jax.local_devices()
 
-    def make(kind, steps, n):
+    def make(kind, steps, n, backward="matmul"):
+        model = models.build_model("transformer",
+                                   dataclasses.replace(cfg, dense_backward=backward))
+        step = functools.partial(train.train_steps, apply_fn=model.apply, tx=tx)
         if kind == "pmap":
             state = [parallel.replicate(train.init_state(model, tx, seed=0, seq_len=seq_len),
                                         devices[:n])]
@@ -95,6 +100,7 @@ def _variants(layers, d_model, heads, d_ff, seq_len, batch, k, n_dev):
         out[f"jit k={k}"] = make("jit", k, 1)
     if n_dev > 1 and batch % n_dev == 0 and len(devices) >= n_dev:
         out[f"pmap×{n_dev} k={k}"] = make("pmap", k, n_dev)
+    out["jit k=1, JAX dense backward"] = make("jit", 1, 1, backward="jax")
     return out, flops
 
 
@@ -164,7 +170,7 @@ def main(argv=None) -> int:
                          "tokens_per_s": round(tok_s), "mfu": tok_s * flops / peak,
                          "vs_jit_k1": base / t, "repeats": n[variant],
                          "flops_per_token": flops})
-            print(f"{name:26s} {variant:14s} {1e3 * t:9.2f} ms/step {tok_s:10.0f} tok/s "
+            print(f"{name:26s} {variant:28s} {1e3 * t:9.2f} ms/step {tok_s:10.0f} tok/s "
                   f"MFU {100 * tok_s * flops / peak:5.1f}%  ×{base / t:.2f} vs jit k=1",
                   flush=True)
     probe_after = metrics.cpu_matmul_probe.__wrapped__() if probe_before is not None else None

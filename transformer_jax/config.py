@@ -27,6 +27,7 @@ Positions = Literal["sinusoidal", "learned", "rope"]
 Activation = Literal["relu", "gelu", "swiglu"]
 AttentionImpl = Literal["auto", "exact", "blockwise", "xla", "cudnn"]
 Remat = Literal["none", "block", "dots"]
+DenseBackward = Literal["matmul", "jax"]
 
 def _from_dict(cls, d: dict[str, Any]):
     """``cls(**d)`` for a config dataclass, naming any keys that are not its fields."""
@@ -43,6 +44,7 @@ _CHOICES = {  # field -> allowed values, checked once in __post_init__
     "remat": typing.get_args(Remat),
     "activation": typing.get_args(Activation),
     "attention_impl": typing.get_args(AttentionImpl),
+    "dense_backward": typing.get_args(DenseBackward),
     "dtype": typing.get_args(DTypeName),
     "param_dtype": typing.get_args(DTypeName),
 }
@@ -95,6 +97,10 @@ class ModelConfig:
       scan_layers: run each stack of blocks as one ``nn.scan`` (parameters get a leading layer
         axis): compile time no longer grows with depth. A checkpoint of the other layout is
         refused (the config differs in ``scan_layers``).
+      dense_backward: the projections' backward pass: "matmul" (two plain matmuls, dw over
+        the merged token axis: :mod:`~transformer_jax.models.matmul`; the default run's step
+        1.35× faster on a 2-core CPU) or "jax" (JAX's own transpose rule). Same numbers; kept as a switch so the
+        difference can be measured on any backend (``benchmarks/train_throughput.py``).
     """
 
     vocab_size: int
@@ -122,6 +128,7 @@ class ModelConfig:
     layer_norm_eps: float = 1e-6
     remat: Remat = "none"
     scan_layers: bool = False
+    dense_backward: DenseBackward = "matmul"
 
     def __post_init__(self):
         if self.num_kv_heads is None:  # frozen: the documented default is filled in once here
@@ -190,7 +197,7 @@ class ModelConfig:
         return _from_dict(cls, d)
 
 
-COMPUTE_ONLY = ("remat", "attention_impl")
+COMPUTE_ONLY = ("remat", "attention_impl", "dense_backward")
 """ModelConfig fields that change how a model computes, not what: a run may resume with others."""
 
 

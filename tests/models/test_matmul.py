@@ -2,13 +2,17 @@
 float64 NumPy reference) for every form a dense layer takes, in bfloat16, under vmap and with
 sharded kernels; other contractions fall back to ``lax.dot_general``."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from model_helpers import TINY, random_params, tokens
 
+from transformer_jax import models
 from transformer_jax.models.matmul import dot_general
 
 # (x shape, w shape, contracted axes k): a projection, qkv's (3, N, H) features, the attention
@@ -110,3 +114,23 @@ def test_sharded_kernels_give_the_same_gradients_and_collectives(devices):
     hlo = [f.lower(xs, ws).compile().as_text() for f in (ours, theirs)]
     for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
         assert hlo[0].count(op) <= hlo[1].count(op), op
+
+
+def test_model_switch_to_jax_rule_gives_the_same_gradients():
+    """``dense_backward="jax"`` (the benchmarks' baseline) swaps in ``lax.dot_general``: no
+    custom_vjp left in the model's jaxpr, and the LM's gradients agree with the default's."""
+    cfg = dataclasses.replace(TINY, num_encoder_layers=0, dropout_rate=0.0)
+    x = tokens(0, (2, 6))
+    grads, jaxprs = [], []
+    for backward in ("matmul", "jax"):
+        model = models.build_model("transformer", dataclasses.replace(cfg, dense_backward=backward))
+        params = random_params(model, x)
+
+        def loss(p, model=model):
+            return jnp.sum(model.apply({"params": p}, x, deterministic=True) ** 2)
+
+        jaxprs.append(str(jax.make_jaxpr(loss)(params)))
+        grads.append(jax.grad(loss)(params))
+    assert "custom_vjp" in jaxprs[0] and "custom_vjp" not in jaxprs[1]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

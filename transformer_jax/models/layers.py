@@ -81,9 +81,11 @@ def apply_rotary(x, positions):
 
 def dense(cfg: ModelConfig, features, name: str, axis=-1) -> nn.DenseGeneral:
     """A projection in the compute dtype, parameters in ``param_dtype``, bias per ``use_bias``;
-    its backward pass is plain matmuls (:mod:`transformer_jax.models.matmul` says why)."""
+    its backward pass is plain matmuls (:mod:`transformer_jax.models.matmul` says why) unless
+    ``cfg.dense_backward`` is "jax"."""
+    contract = dot_general if cfg.dense_backward == "matmul" else jax.lax.dot_general
     return nn.DenseGeneral(features, axis=axis, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-                           param_dtype=cfg.params_dtype, dot_general=dot_general, name=name)
+                           param_dtype=cfg.params_dtype, dot_general=contract, name=name)
 
 
 def norm(cfg: ModelConfig, name: str) -> nn.Module:
