@@ -99,8 +99,9 @@ class ModelConfig:
         refused (the config differs in ``scan_layers``).
       dense_backward: the projections' backward pass: "matmul" (two plain matmuls, dw over
         the merged token axis: :mod:`~transformer_jax.models.matmul`; the default run's step
-        1.35× faster on a 2-core CPU) or "jax" (JAX's own transpose rule). Same numbers; kept as a switch so the
-        difference can be measured on any backend (``benchmarks/train_throughput.py``).
+        1.35× faster on a 2-core CPU) or "jax" (JAX's own transpose rule). Same numbers; kept
+        as a switch so the difference can be measured on any backend
+        (``benchmarks/train_throughput.py``).
     """
 
     vocab_size: int
