@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from attention_reference import make_inputs, randn
+from hash_reference import np_lowbias32
 from jax import export
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -150,6 +151,27 @@ def test_dropout_matches_its_reference_in_every_implementation():
     shared = dot_product_attention(*twins, is_causal=True, dropout_rate=rate, dropout_rng=rng,
                                    dropout_broadcast=True)
     np.testing.assert_array_equal(shared[0], shared[1])  # one mask for every example
+
+
+def test_dropout_mask_is_the_documented_hash_of_head_seed_query_and_key():
+    """Entry (t, s) of head h is kept when lowbias32(lowbias32(seed_h ^ lowbias32(t)) + s) >=
+    rate · 2^32, whatever tile (row0, col0) it is computed in; about 1 - rate are kept, and the
+    heads' masks differ."""
+    rate, K, G, T, S = 0.3, 2, 3, 64, 96
+    spec = kernels.Spec(is_causal=False, window=None, block_q=T, block_k=S, dropout_rate=rate)
+    seeds = kernels.head_seeds(spec, jnp.array([11, 22], jnp.uint32), K, G)
+    assert seeds.shape == (K, G) and seeds.dtype == jnp.uint32
+    row_key = np_lowbias32(np.asarray(seeds, np.uint64)[..., None] ^ np_lowbias32(np.arange(T)))
+    bits = np_lowbias32((row_key[..., None] + np.arange(S, dtype=np.uint64))
+                         & np.uint64(0xFFFFFFFF))
+    want = np.where(bits >= round(rate * 2**32), 1 / (1 - rate), 0.0)
+    whole = kernels.dropout_multiplier(spec, seeds, 0, T, 0, S)
+    np.testing.assert_allclose(whole, want, rtol=1e-6)
+    tile = kernels.dropout_multiplier(spec, seeds, jnp.int32(16), 32, jnp.int32(40), 48)
+    np.testing.assert_array_equal(tile, whole[:, :, 16:48, 40:88])
+    assert abs(float(jnp.mean(whole == 0)) - rate) < 0.02  # 36,864 entries
+    flat = np.asarray(whole == 0).reshape(K * G, -1)
+    assert all((flat[i] != flat[j]).mean() > 0.3 for i in range(K * G) for j in range(i))
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hash_reference import np_lowbias32
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from transformer_jax.models.dropout import Dropout, dropout_mask
@@ -14,21 +15,12 @@ from transformer_jax.models.dropout import Dropout, dropout_mask
 KEY = jax.random.PRNGKey(7)
 
 
-def _np_lowbias32(x):
-    x = np.asarray(x, np.uint64)
-    x ^= x >> np.uint64(16)
-    x = (x * np.uint64(0x7FEB352D)) & np.uint64(0xFFFFFFFF)
-    x ^= x >> np.uint64(15)
-    x = (x * np.uint64(0x846CA68B)) & np.uint64(0xFFFFFFFF)
-    return x ^ (x >> np.uint64(16))
-
-
 def _np_mask(seed, shape, keep):
     """The module docstring's formula in NumPy (64-bit integers, reduced mod 2^32)."""
     rows, cols = int(np.prod(shape[:-1])), shape[-1]
     row = np.arange(rows, dtype=np.uint64)
-    row_key = _np_lowbias32(np.uint64(seed) ^ _np_lowbias32(row))[:, None]
-    bits = _np_lowbias32((row_key + np.arange(cols, dtype=np.uint64)) & np.uint64(0xFFFFFFFF))
+    row_key = np_lowbias32(np.uint64(seed) ^ np_lowbias32(row))[:, None]
+    bits = np_lowbias32((row_key + np.arange(cols, dtype=np.uint64)) & np.uint64(0xFFFFFFFF))
     return (bits < round(keep * 2**32)).reshape(shape)
 
 

@@ -6,8 +6,10 @@ softmax(Q Kᵀ · scale + bias, masked) V with the layout and arguments of
 :mod:`~transformer_jax.attention.checks` their argument checks,
 :mod:`~transformer_jax.attention.dispatch` the choice of implementation (ours, or jax.nn's XLA
 and cuDNN paths), :mod:`~transformer_jax.attention.kernels` and
-:mod:`~transformer_jax.attention.blockwise` the exact and blockwise implementations, and
-:mod:`~transformer_jax.attention.flax_adapter` the kernel as Flax's ``attention_fn``.
+:mod:`~transformer_jax.attention.blockwise` the exact and blockwise implementations,
+:mod:`~transformer_jax.attention.random_bits` the hashed bits of their dropout masks (which the
+models' dropout shares), and :mod:`~transformer_jax.attention.flax_adapter` the kernel as
+Flax's ``attention_fn``.
 """
 
 from transformer_jax.attention.api import (

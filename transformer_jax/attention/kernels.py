@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.random import threefry2x32_p
 
+from transformer_jax.attention import random_bits
+
 # The exact path splits causal/local rows into at most this many query chunks of at least
 # _MIN_CHUNK rows: enough to skip most of the masked triangle, few enough to compile quickly.
 _MAX_CHUNKS = 8
@@ -138,33 +140,37 @@ def scores(spec, q, k, bias, scale, mask, q_len, kv_len, row0, col0, masked=True
 
 
 # --------------------------------------------------------------------------------------
-# Dropout on the probabilities: a counter-based hash of (seed, head, t, s), so that every
+# Dropout on the probabilities: a counter-based hash of (head seed, t, s), so that every
 # implementation and every block size drops the same entries.
 # --------------------------------------------------------------------------------------
 
 
 def head_seeds(spec: Spec, seed, K: int, G: int):
-    """uint32 [K, G, 2] per-head Threefry keys from one example's uint32 [2] ``seed``."""
+    """uint32 [K, G] per-head seeds from one example's uint32 [2] ``seed`` (one Threefry call
+    per head; the per-element bits are a hash, :mod:`~transformer_jax.attention.random_bits`)."""
     if seed is None or not spec.dropout_rate:
         return None
     head = jnp.arange(K * G, dtype=jnp.uint32).reshape(K, G)
     if spec.dropout_broadcast:
         head = jnp.zeros_like(head)
     args = jnp.broadcast_arrays(seed[0], seed[1], head, jnp.uint32(0x9E3779B9))
-    return jnp.stack(threefry2x32_p.bind(*args), axis=-1)
+    return threefry2x32_p.bind(*args)[0]
 
 
 def dropout_multiplier(spec: Spec, seeds, row0, rows: int, col0, cols: int):
-    """Float32 [K, G, rows, cols]: 0 where dropped, 1 / (1 - rate) where kept; or None."""
+    """Float32 [K, G, rows, cols]: 0 where dropped, 1 / (1 - rate) where kept; or None.
+
+    Entry (t, s) of head h is dropped when ``hashed_bits(seed_h, t, s)`` falls below
+    rate · 2^32: a function of the head's seed and the absolute (query, key) position only, so
+    every implementation and block size drops the same entries.
+    """
     if seeds is None:
         return None
-    shape = seeds.shape[:2] + (rows, cols)
-    t = (row0 + jax.lax.broadcasted_iota(jnp.int32, shape, 2)).astype(jnp.uint32)
-    s = (col0 + jax.lax.broadcasted_iota(jnp.int32, shape, 3)).astype(jnp.uint32)
-    k0, k1 = (jnp.broadcast_to(seeds[..., i, None, None], shape) for i in (0, 1))
-    bits = threefry2x32_p.bind(k0, k1, t, s)[0]
-    threshold = np.uint32(min(round(spec.dropout_rate * 2.0**32), 2**32 - 1))
-    return jnp.where(bits >= threshold, jnp.float32(1.0 / (1.0 - spec.dropout_rate)), 0.0)
+    t = (row0 + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)).astype(jnp.uint32)
+    s = (col0 + jax.lax.broadcasted_iota(jnp.int32, (1, cols), 1)).astype(jnp.uint32)
+    bits = random_bits.hashed_bits(seeds[..., None, None], t, s)
+    keep = bits >= random_bits.threshold(spec.dropout_rate)
+    return jnp.where(keep, jnp.float32(1.0 / (1.0 - spec.dropout_rate)), 0.0)
 
 
 # --------------------------------------------------------------------------------------

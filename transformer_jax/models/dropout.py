@@ -14,12 +14,10 @@
   multiplies and shifts that XLA fuses into the element-wise op that uses the mask, on any
   backend.
 
-The hash is ``lowbias32`` (C. Wellons, "Prospecting for Hash Functions", 2018: two
-multiply-xorshift rounds, a full-avalanche 32-bit permutation). The row (all axes but the last,
-flattened) is hashed with the seed first, then the column is added and the sum hashed again,
-so an array of more than 2^32 elements (fewer than 2^32 rows) still gives every element its own
-(row, column) counter. An element is kept when its
-hash is below round((1 - rate) · 2^32), which is 1 - rate to within 2^-32.
+The hash is :func:`~transformer_jax.attention.random_bits.hashed_bits` (``lowbias32``, Wellons
+2018), shared with the attention kernel's dropout. The row is all axes but the last, flattened;
+an element is kept when its hash is below round((1 - rate) · 2^32), which is 1 - rate to within
+2^-32.
 
 The mask is a function of the key and of each element's position in the (global) array, not of
 how the array is laid out over devices: under ``jit`` with a sharded batch, XLA partitions the
@@ -34,18 +32,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.attention import random_bits
+
 __all__ = ["Dropout", "dropout_mask"]
-
-_M1, _M2 = 0x7FEB352D, 0x846CA68B  # lowbias32's multipliers (Wellons 2018)
-
-
-def _lowbias32(x: jax.Array) -> jax.Array:
-    """uint32 -> uint32: a bijective hash with near-ideal avalanche (Wellons 2018)."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(_M1)
-    x = x ^ (x >> 15)
-    x = x * jnp.uint32(_M2)
-    return x ^ (x >> 16)
 
 
 def dropout_mask(seed: jax.Array, shape: tuple[int, ...], keep: float) -> jax.Array:
@@ -59,10 +48,8 @@ def dropout_mask(seed: jax.Array, shape: tuple[int, ...], keep: float) -> jax.Ar
     rows, cols = math.prod(shape[:-1]), shape[-1]
     row = jax.lax.broadcasted_iota(jnp.uint32, (rows, 1), 0)
     col = jax.lax.broadcasted_iota(jnp.uint32, (1, cols), 1)
-    row_key = _lowbias32(seed.astype(jnp.uint32) ^ _lowbias32(row))  # [rows, 1]
-    bits = _lowbias32(row_key + col)  # [rows, cols]: uint32 arithmetic wraps
-    threshold = min(round(keep * 2.0**32), 2**32 - 1)
-    return (bits < jnp.uint32(threshold)).reshape(shape)
+    bits = random_bits.hashed_bits(seed.astype(jnp.uint32), row, col)  # [rows, cols]
+    return (bits < random_bits.threshold(keep)).reshape(shape)
 
 
 class Dropout(nn.Module):
