@@ -5,6 +5,8 @@ Compares, in one run and on one machine:
   * ``blockwise`` — transformer_jax, online softmax over key blocks, recomputing backward
   * ``jax.nn``    — ``jax.nn.dot_product_attention`` (the XLA path), the baseline of the ratios
   * ``naive``     — a plain einsum + masked softmax + einsum, as most tutorials write it
+  * ``exact, dropout 0.1`` — the exact path with dropout on the probabilities (forward+backward
+    points only): what the hashed masks cost over ``exact`` (``jax.nn`` has no dropout)
 
 For each point it records forward and forward+backward wall time (median of interleaved
 repeats after a warm-up) and the compiled temporary memory
@@ -32,6 +34,7 @@ from benchmarks import common  # noqa: E402
 from transformer_jax.attention import dot_product_attention  # noqa: E402
 
 IMPLS = ("exact", "blockwise", "jax.nn", "naive")
+DROPOUT = "exact, dropout 0.1"
 N_HEADS, HEAD_DIM = 8, 64
 # Do not run a point whose compiled temporaries exceed this (the machine has 24 GB).
 RUN_LIMIT_BYTES = 6 * 2**30
@@ -51,6 +54,10 @@ def attention_fn(impl: str, is_causal: bool):
         return functools.partial(jax.nn.dot_product_attention, is_causal=is_causal)
     if impl == "naive":
         return functools.partial(naive_attention, is_causal=is_causal)
+    if impl == DROPOUT:
+        return functools.partial(dot_product_attention, is_causal=is_causal,
+                                 implementation="exact", dropout_rate=0.1,
+                                 dropout_rng=jax.random.PRNGKey(0))
     return functools.partial(dot_product_attention, is_causal=is_causal, implementation=impl)
 
 
@@ -108,7 +115,7 @@ def plan(quick: bool, dtypes):
     if quick:
         return [
             (4, 1024, True, "fwd", jnp.float32, IMPLS, True),
-            (4, 1024, True, "fwdbwd", jnp.float32, IMPLS, True),
+            (4, 1024, True, "fwdbwd", jnp.float32, IMPLS + (DROPOUT,), True),
             (4, 4096, True, "fwd", jnp.float32, ("exact", "blockwise"), True),
             (1, 16384, True, "fwdbwd", jnp.float32, IMPLS, False),
         ]
@@ -118,7 +125,8 @@ def plan(quick: bool, dtypes):
             B = 4 if T <= 4096 else 1
             for causal in (True, False):
                 for mode in ("fwd", "fwdbwd"):
-                    points.append((B, T, causal, mode, dtype, IMPLS, True))
+                    impls = IMPLS + (DROPOUT,) if mode == "fwdbwd" and T <= 4096 else IMPLS
+                    points.append((B, T, causal, mode, dtype, impls, True))
     return points
 
 
@@ -161,7 +169,7 @@ def plot(records, out_dir: Path) -> None:
     for ax, (mode, key, label) in zip(axes, [("fwd", "time_s", "forward time (s)"),
                                              ("fwdbwd", "time_s", "forward+backward time (s)"),
                                              ("fwdbwd", "temp_bytes", "fwd+bwd temp memory (B)")]):
-        for impl in IMPLS:
+        for impl in IMPLS + (DROPOUT,):
             pts = sorted((r["seq_len"], r[key] / r["batch"]) for r in records
                          if r["impl"] == impl and r["mode"] == mode and r["causal"]
                          and r["dtype"] == "float32" and r.get(key))
