@@ -12,3 +12,10 @@ def np_lowbias32(x):
     x ^= x >> np.uint64(15)
     x = (x * np.uint64(0x846CA68B)) & np.uint64(0xFFFFFFFF)
     return x ^ (x >> np.uint64(16))
+
+
+def np_hashed_bits(seed, row, col):
+    """``random_bits.hashed_bits`` in NumPy: lowbias32(lowbias32(seed ^ lowbias32(row)) + col),
+    broadcast together, the sum reduced mod 2^32."""
+    row_key = np_lowbias32(np.asarray(seed, np.uint64) ^ np_lowbias32(row))
+    return np_lowbias32((row_key + np.asarray(col, np.uint64)) & np.uint64(0xFFFFFFFF))

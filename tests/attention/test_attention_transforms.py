@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from attention_reference import make_inputs, randn
-from hash_reference import np_lowbias32
+from hash_reference import np_hashed_bits
 from jax import export
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -161,9 +161,7 @@ def test_dropout_mask_is_the_documented_hash_of_head_seed_query_and_key():
     spec = kernels.Spec(is_causal=False, window=None, block_q=T, block_k=S, dropout_rate=rate)
     seeds = kernels.head_seeds(spec, jnp.array([11, 22], jnp.uint32), K, G)
     assert seeds.shape == (K, G) and seeds.dtype == jnp.uint32
-    row_key = np_lowbias32(np.asarray(seeds, np.uint64)[..., None] ^ np_lowbias32(np.arange(T)))
-    bits = np_lowbias32((row_key[..., None] + np.arange(S, dtype=np.uint64))
-                         & np.uint64(0xFFFFFFFF))
+    bits = np_hashed_bits(np.asarray(seeds)[..., None, None], np.arange(T)[:, None], np.arange(S))
     want = np.where(bits >= round(rate * 2**32), 1 / (1 - rate), 0.0)
     whole = kernels.dropout_multiplier(spec, seeds, 0, T, 0, S)
     np.testing.assert_allclose(whole, want, rtol=1e-6)

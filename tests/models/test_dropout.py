@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hash_reference import np_lowbias32
+from hash_reference import np_hashed_bits
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from transformer_jax.models.dropout import Dropout, dropout_mask
@@ -18,9 +18,7 @@ KEY = jax.random.PRNGKey(7)
 def _np_mask(seed, shape, keep):
     """The module docstring's formula in NumPy (64-bit integers, reduced mod 2^32)."""
     rows, cols = int(np.prod(shape[:-1])), shape[-1]
-    row = np.arange(rows, dtype=np.uint64)
-    row_key = np_lowbias32(np.uint64(seed) ^ np_lowbias32(row))[:, None]
-    bits = np_lowbias32((row_key + np.arange(cols, dtype=np.uint64)) & np.uint64(0xFFFFFFFF))
+    bits = np_hashed_bits(seed, np.arange(rows)[:, None], np.arange(cols))
     return (bits < round(keep * 2**32)).reshape(shape)
 
 
