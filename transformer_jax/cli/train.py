@@ -291,6 +291,26 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
     return model_cfg, train_cfg
 
 
+def configure(argv: Sequence[str] | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """The configurations a command line trains with, without training.
+
+    Parses ``argv`` and checks the flags as :func:`main` does; a bad command exits as
+    ``main`` would (``SystemExit`` with status 2 and one line naming the problem).
+    """
+    parser = build_parser(_task_of(argv))
+    args = parser.parse_args(argv)
+    given = cli.explicit_options(build_parser, argv)
+    for option, applies, message in _CONFLICTS:
+        if option in given and applies(args):
+            parser.error(message)
+    try:
+        model_cfg, train_cfg = configs_from_args(args)
+        distributed.check_flags(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:
+        parser.error(_flagify(str(e)))
+    return model_cfg, train_cfg
+
+
 @cli.exits_on_ctrl_c("train.py", at_once="stopped at once by Ctrl-C, without saving; the "
                      "checkpoints saved before are intact: run the same command to resume")
 def main(argv: Sequence[str] | None = None) -> int:
