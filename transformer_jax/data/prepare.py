@@ -42,9 +42,8 @@ __all__ = ["FORMAT", "META", "TOKENIZER", "PrepareSettings", "prepare_dataset"]
 
 FORMAT, VERSION = "transformer_jax tokens", 1
 META, TOKENIZER = "meta.json", "tokenizer.json"
-# Text encoded per encode_batch call (16 pieces). The encoder's transient memory grows with it:
-# measured on 2 cores, 8 MB batches of 1 MiB pieces peaked ~290 MB above the trained tokenizer,
-# 4 MB of 256 KiB pieces ~60 MB, at about the same speed.
+# Text encoded per encode_batch call (16 pieces). The encoder's transient memory grows with the
+# batch, and a larger batch was no faster (benchmarks/results/data_pipeline/NOTES.md).
 BATCH_BYTES = 4 << 20
 SAMPLE_PART = 16 << 10  # characters per string handed to the BPE trainer (see _sample)
 DEFAULT_VAL = (0.1, 1 << 20)  # 10% of the tokens, at most this many
@@ -114,9 +113,9 @@ def _sample(sources: list[Source], text_field: str, limit: int) -> Iterator[str]
     :data:`SAMPLE_PART` characters, each ending after a newline where the piece has one.
 
     The BPE trainer buffers a few hundred of the strings it is given before counting their
-    words: given 256 KiB pieces it held the whole 64 MiB sample (peak 179 MB against 117 MB for
-    an 18 MiB sample); given 16 KiB parts, 70 MB for either, and the same tokenizer (pieces
-    already end after newlines, so no word is cut differently).
+    words: given large pieces it held the whole sample, so its peak memory grew with the sample;
+    given parts this small it stays flat, and the tokenizer is the same (pieces already end
+    after newlines, so no word is cut differently).
     """
     seen = 0
     for text, _ in iter_pieces([Source(s.path) for s in sources], text_field):

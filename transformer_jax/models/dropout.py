@@ -6,9 +6,8 @@
 
 * ``flax.linen.Dropout`` draws 32 bits per element with ``jax.random.bernoulli``, i.e. the
   threefry-2x32 generator. On a CPU, XLA lowers threefry as a rolled loop of its rounds, which
-  does not fuse with the op that applies the mask. In the default run's step (``cpu-lm``, B 12,
-  T 128, 10 masks of [12, 128, 128] a step) drawing and applying the masks took about 12% of
-  the step's thread time, and 10 such masks took 32–35 ms where the hash below takes 1 ms.
+  does not fuse with the op that applies the mask, so the default run's step spent a visible
+  share of its time drawing masks.
 * Here one threefry call draws a 32-bit seed per mask. An element's keep decision is an
   integer hash of (seed, its row, its column), compared with a threshold: a few integer
   multiplies and shifts that XLA fuses into the element-wise op that uses the mask, on any

@@ -11,11 +11,10 @@ is a ``jax.custom_vjp`` that computes the two gradients of x[..., K] · w[K, F] 
 JAX's own transpose rule gives the same numbers, but XLA's CPU backend lays it out badly: for
 dw it wanted the cotangent dy transposed, and fused that transpose into the element-wise op
 producing dy (the SwiGLU backward in the default model), which then writes its output with a
-stride of M floats. In a ``jax.profiler`` trace of the default step (``cpu-lm``, B 12, T 128)
-that one fusion was the largest single item, about 30 of 240 thread-ms a step. Measured on a
-2-core Xeon, the SwiGLU feed-forward (M 1536, D 128, F 384) forward + backward took 20.9 ms
-with JAX's rule and 11.6 ms with this one (median of 5 interleaved rounds of 30 calls), with
-bit-identical gradients; the whole default step ran 1.35× faster.
+stride of M floats. In a ``jax.profiler`` trace of the default step that one fusion was the
+largest single item. The plain matmuls here give bit-identical gradients without that strided
+write; ``benchmarks/train_throughput.py`` times the step with either rule (its "JAX dense
+backward" rows).
 
 Only the leading axes of x are merged, never the contracted or feature axes, so a kernel
 sharded along K or F (FSDP, tensor parallelism) keeps its sharding; the token axis M is sharded
