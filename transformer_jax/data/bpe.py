@@ -2,9 +2,11 @@
 
 Byte-level BPE (Radford et al. 2019, GPT-2 §2.2; Sennrich et al. 2016 for BPE) starts from the
 256 bytes, so every string encodes and decoding is exact; merges learnt on the corpus make a
-token stand for about four bytes of English instead of one. One special token,
-:data:`EOT`, ends each document. :func:`load_tokenizer` reads either kind back from the
-``tokenizer.json`` of a prepared dataset or a run directory.
+token stand for about four bytes of English instead of one. A language-model dataset has one
+special token, :data:`EOT`, which ends each document; a parallel dataset has
+:data:`PAIR_SPECIALS` (``<pad>``, ``<bos>``, ``<eos>`` at ids 0, 1, 2, the encoder–decoder's
+defaults), its ``<eos>`` standing for EOT. :func:`load_tokenizer` reads either kind back from
+the ``tokenizer.json`` of a prepared dataset or a run directory.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from transformer_jax.data.tokenizer import ByteTokenizer
 
-__all__ = ["EOT", "MAX_VOCAB", "MIN_VOCAB", "BPETokenizer", "load_tokenizer", "train_bpe"]
+__all__ = ["EOT", "MAX_VOCAB", "MIN_VOCAB", "PAIR_SPECIALS", "BPETokenizer", "load_tokenizer",
+           "train_bpe"]
 
 EOT = "<|endoftext|>"
 """The end-of-text token (GPT-2's name for it)."""
 
 MIN_VOCAB = 257  # the 256 byte tokens and EOT: BPE with no merge at all
 MAX_VOCAB = 1 << 20  # far above any published LM vocabulary (Gemma's 256k); ids fit uint32
+PAIR_SPECIALS = ("<pad>", "<bos>", "<eos>")
+"""The special tokens of a parallel dataset's tokenizer, in id order (ModelConfig's pad/bos/eos)."""
 
 
 class BPETokenizer:
@@ -38,9 +43,12 @@ class BPETokenizer:
         self._tok.encode_special_tokens = True
         self.vocab_size = tokenizer.get_vocab_size()
         eot = tokenizer.token_to_id(EOT)
+        if eot is None:  # a parallel dataset's tokenizer: <eos> ends a text
+            eot = tokenizer.token_to_id(PAIR_SPECIALS[2])
         if eot is None:
-            raise ValueError(f"the tokenizer has no {EOT} token")
+            raise ValueError(f"the tokenizer has no {EOT} or {PAIR_SPECIALS[2]} token")
         self.eot_id = eot
+        self.special_ids = tuple(sorted(tokenizer.get_added_tokens_decoder()))
 
     def encode(self, text: str) -> np.ndarray:
         """str -> [T] int32 token ids."""
@@ -60,14 +68,14 @@ class BPETokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def token_bytes(self) -> np.ndarray:
-        """[V] bytes of text each id stands for (:data:`EOT`: 0).
+        """[V] bytes of text each id stands for (special tokens such as :data:`EOT`: 0).
 
         A byte-level token is spelt in GPT-2's printable alphabet of 256 characters, one per
         byte, so its length in characters is its length in bytes.
         """
         lengths = np.zeros(self.vocab_size, np.int64)
         for i in range(self.vocab_size):
-            if i != self.eot_id:
+            if i not in self.special_ids:
                 lengths[i] = len(self._tok.id_to_token(i))
         return lengths
 
@@ -76,20 +84,28 @@ class BPETokenizer:
         return self._tok.to_str()
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
-    """Learn byte-level BPE merges on ``texts`` up to ``vocab_size`` tokens (EOT included).
+def train_bpe(texts: Iterable[str], vocab_size: int,
+              specials: Sequence[str] = (EOT,)) -> BPETokenizer:
+    """Learn byte-level BPE merges on ``texts`` up to ``vocab_size`` tokens (specials included).
 
     The vocabulary may come out smaller when the texts hold fewer distinct pairs than merges
     asked for. The same texts give the same tokenizer.
+
+    Args:
+      texts: the training text, in parts.
+      vocab_size: V, the special tokens and the 256 bytes included.
+      specials: the special tokens, given ids 0, 1, ... in this order: ``(EOT,)`` for a
+        language model, :data:`PAIR_SPECIALS` for a parallel dataset.
     """
-    if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
-        raise ValueError(f"--vocab-size must lie in [{MIN_VOCAB}, {MAX_VOCAB}] for bpe (256 "
-                         f"bytes + {EOT} at least), got {vocab_size}")
+    least = 256 + len(specials)
+    if not least <= vocab_size <= MAX_VOCAB:
+        raise ValueError(f"--vocab-size must lie in [{least}, {MAX_VOCAB}] for bpe (256 "
+                         f"bytes + {', '.join(specials)} at least), got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  special_tokens=[EOT],
+                                  special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     return BPETokenizer(tok)
