@@ -207,7 +207,7 @@ class _SplitWriter:
 
     def close(self) -> None:
         for f in (self.src, self.tgt, self.idx, self.text):
-            if f is not None:
+            if f is not None and not f.closed:
                 f.flush()
                 os.fsync(f.fileno())
                 f.close()
@@ -337,9 +337,10 @@ def _check_nonempty(writers: dict[str, _SplitWriter], counts: dict[str, int],
                f"--max-ratio {s.max_ratio:g} {counts['ratio']:,}")
     if counts["overlap"]:
         removed += f", sources of the valid/test files {counts['overlap']:,}"
-    hint = ("raise --max-tokens / --max-ratio, or check the input" if empty == ["train"] else
-            "give it more pairs (--valid-fraction / --test-fraction) or its own file "
-            "(--valid-pairs / --test-pairs)")
+    hint = "loosen --max-tokens / --max-ratio, or check the input"
+    if empty != ["train"]:
+        hint += (", or hold out more pairs (--valid-fraction / --test-fraction), or give the "
+                 "split its own file (--valid-pairs / --test-pairs)")
     raise DataError(f"the {' and '.join(empty)} split is empty after filtering: of "
                     f"{counts['read']:,} pairs read, {removed}; {hint}")
 
