@@ -2,6 +2,7 @@
 
 * Every relative link and image in README.md and docs/*.md points at a file that exists (and a
   ``#anchor`` into a markdown file at one of its headings, by GitHub's slug rule).
+* Every ``python`` code block parses.
 * Every command line in a ``bash`` code block is accepted by its parser as far as building its
   configuration and checking its inputs, without training or compiling anything:
   ``python train.py ARGS`` by :func:`transformer_jax.cli.train.configure`,
@@ -177,8 +178,15 @@ def _links() -> list[tuple[str, str]]:
     return found
 
 
+def _python_blocks() -> list[tuple[str, int, str]]:
+    return [(doc.relative_to(ROOT).as_posix(), start, "\n".join(body)) for doc in DOCS
+            for lang, start, body in _code_blocks(doc.read_text(encoding="utf-8"))
+            if lang == "python"]
+
+
 COMMANDS = _commands()
 LINKS = _links()
+PYTHON_BLOCKS = _python_blocks()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +225,15 @@ def test_relative_link_resolves(doc, target):
     if anchor and path.suffix == ".md":
         assert anchor in _anchors(path), (
             f"{doc}: link to {target!r}: no heading of {path.name} has the anchor #{anchor}")
+
+
+@pytest.mark.parametrize("doc,line,code", PYTHON_BLOCKS,
+                         ids=[f"{d}:{n}" for d, n, _ in PYTHON_BLOCKS])
+def test_python_example_is_valid_python(doc, line, code):
+    try:
+        compile(code, f"{doc}:{line}", "exec")
+    except SyntaxError as e:
+        pytest.fail(f"{doc}:{line}: the python block does not parse: {e}", pytrace=False)
 
 
 # ---------------------------------------------------------------------------------------------
