@@ -10,6 +10,8 @@
   by the script's own parser (stopped right after parsing). A command that reads a run directory
   (``sample``, ``translate``, ``visualize``, ``make_figures.py``) must name one that a
   ``train.py`` command somewhere in the docs writes, so that a reader who follows the docs has it.
+* No two ``train.py`` commands write one run directory with different runs: a reader who runs
+  both would find the second refused (or resuming the first).
 
 Lines are read as a shell would: ``\\`` continuations joined, ``$ `` prompts and comments
 dropped, ``&&``/``;``/``&``/``|`` separate commands, ``VAR=value`` prefixes and ``time`` are
@@ -248,12 +250,10 @@ class _Parsed(Exception):
         self.namespace = namespace
 
 
-def _out_dir(argv: list[str]) -> str:
-    """The run directory ``python train.py ARGV`` writes (the one place that knows where the
+def _out(train_cfg) -> str:
+    """The run directory a training configuration writes (the one place that knows where the
     configuration keeps it)."""
-    from transformer_jax.cli import train
-
-    return _norm(train.configure(argv)[1].out)
+    return _norm(train_cfg.out)
 
 
 def _norm(path) -> str:
@@ -264,16 +264,51 @@ def _norm(path) -> str:
 
 
 @pytest.fixture(scope="module")
-def written_runs() -> set[str]:
-    """Every run directory some ``python train.py`` command of the docs writes."""
-    runs = set()
+def trained() -> dict[Command, tuple]:
+    """(model, training) configuration of each ``python train.py`` command of the docs that
+    configures (``--config`` left out: the run it copies is another command's)."""
+    from transformer_jax.cli import train
+
+    found = {}
     for command in COMMANDS:
         if command.words[:1] == ("train.py",):
             try:
-                runs.add(_out_dir(_with_config_files(list(command.words[1:]), None)))
+                found[command] = train.configure(_with_config_files(list(command.words[1:]),
+                                                                    None))
             except (SystemExit, ValueError, LookupError):
                 pass  # this command's own test case says why
-    return runs
+    return found
+
+
+@pytest.fixture(scope="module")
+def written_runs(trained) -> set[str]:
+    """Every run directory some ``python train.py`` command of the docs writes."""
+    return {_out(train_cfg) for _, train_cfg in trained.values()}
+
+
+def test_no_two_commands_train_different_runs_into_one_directory(trained):
+    """A reader who runs two commands of the docs must not find the second refused (or resuming
+    the first's run) because both write one directory: each run its own ``--out``."""
+    from transformer_jax.runs.identity import model_identity, resume_differences
+
+    first: dict[str, tuple[Command, tuple]] = {}
+    clashes = []
+    for command, (model_cfg, train_cfg) in trained.items():
+        if "--config" in command.words:
+            continue  # a copy of another run's configuration, into its own --out
+        out = _out(train_cfg)
+        if out not in first:
+            first[out] = (command, (model_cfg, train_cfg))
+            continue
+        other, (model0, train0) = first[out]
+        fixed = resume_differences(train0, train_cfg)[0]
+        if model_identity(model0.to_dict()) != model_identity(model_cfg.to_dict()):
+            fixed = ["the model", *fixed]
+        if fixed:
+            clashes.append(f"{other.doc}:{other.line} and {command.doc}:{command.line} both "
+                           f"write {out} but train different runs ({'; '.join(fixed)}): give "
+                           "one of them its own --out")
+    assert not clashes, "\n".join(clashes)
 
 
 def _with_config_files(argv: list[str], tmp_path: Path | None) -> list[str]:
@@ -291,7 +326,7 @@ def _with_config_files(argv: list[str], tmp_path: Path | None) -> list[str]:
     producers = [c for c in COMMANDS if c.words[:1] == ("train.py",) and "--config" not in c.words]
     for c in producers:
         try:
-            if _out_dir(list(c.words[1:])) == run:
+            if _out(train.configure(list(c.words[1:]))[1]) == run:
                 (tmp_path / run).mkdir(parents=True)
                 rundir.write_config(tmp_path / run, *train.configure(list(c.words[1:])))
                 return argv[:i + 1] + [str(tmp_path / run / "config.json")] + argv[i + 2:]
