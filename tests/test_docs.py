@@ -1,7 +1,8 @@
 """The README and docs/ hold no broken promises: links resolve and the commands they show parse.
 
-* Every relative link and image in README.md and docs/*.md points at a file that exists (and a
-  ``#anchor`` into a markdown file at one of its headings, by GitHub's slug rule).
+* Every relative link and image in README.md, docs/*.md and the benchmarks' NOTES.md points at
+  a file that exists (and a ``#anchor`` into a markdown file at one of its headings, by GitHub's
+  slug rule).
 * Every ``python`` code block parses.
 * Every command line in a ``bash`` code block is accepted by its parser as far as building its
   configuration and checking its inputs, without training or compiling anything:
@@ -35,6 +36,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# The benchmarks' notes: their links are checked too; their commands are history, not checked.
+NOTES = sorted((ROOT / "benchmarks" / "results").glob("*/NOTES.md"))
 
 SHELL_BLOCKS = {"bash", "sh", "shell", "console"}
 # Commands the docs may show that this test does not parse (installers, other tools, shell).
@@ -169,7 +172,7 @@ def _commands() -> list[Command]:
 def _links() -> list[tuple[str, str]]:
     """(doc, target) of every relative link and image outside code."""
     found = []
-    for doc in DOCS:
+    for doc in DOCS + NOTES:
         prose = _prose(doc.read_text(encoding="utf-8"))
         targets = re.findall(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", prose)
         targets += re.findall(r"<img[^>]*\ssrc=\"([^\"]+)\"", prose)
