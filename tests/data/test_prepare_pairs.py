@@ -210,7 +210,9 @@ def test_flags_of_the_other_path_are_refused(tmp_path, capsys):
     (tmp_path / "p.tsv").write_text("a\tb\n")
     for argv, words in ((["--pairs", str(tmp_path / "p.tsv"), "--tokenizer", "byte"],
                          "--tokenizer is for language-model text"),
-                        ([str(tmp_path / "p.tsv"), "--max-ratio", "3"], "--max-ratio is for text"),):
+                        ([str(tmp_path / "p.tsv"), "--max-ratio", "3"], "--max-ratio is for text"),
+                        (["--pairs", str(tmp_path / "p.tsv"), "--test-pairs", str(tmp_path / "p.tsv"),
+                          "--test-fraction", "0.1"], "give one of them")):
         with pytest.raises(SystemExit) as e:
             prepare_cli.main([*argv, "--out", str(tmp_path / "ds")])
         assert e.value.code == 2 and words in capsys.readouterr().err

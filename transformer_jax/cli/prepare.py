@@ -105,6 +105,10 @@ def _main_pairs(parser, args, given: set[str]) -> int:
     wrong = sorted(given & set(LM_ONLY))
     if wrong:
         parser.error(f"--{wrong[0].replace('_', '-')} is for language-model text, not --pairs")
+    for split in ("valid", "test"):
+        if getattr(args, f"{split}_pairs") and getattr(args, f"{split}_fraction") is not None:
+            parser.error(f"--{split}-fraction holds {split} pairs out of --pairs; with "
+                         f"--{split}-pairs there is nothing to hold out: give one of them")
     settings = PairSettings(
         vocab_size=args.vocab_size or PairSettings.vocab_size, max_tokens=args.max_tokens,
         max_ratio=args.max_ratio, valid_fraction=args.valid_fraction,
