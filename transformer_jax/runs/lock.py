@@ -19,7 +19,9 @@ checkpoint saves collide. :func:`hold` claims ``<out>/.lock`` for as long as the
   and :func:`release_all` lets a command line that ends the process at once (a second Ctrl-C)
   remove its locks first.
 
-In a multi-host run only process 0 holds the lock; commands that only read a run take none.
+In a multi-host run only process 0 holds the lock (:func:`hold_lead`); when it is refused, every
+process stops with the same message (the others would otherwise wait for process 0 in their
+first collective until the heartbeat timeout). Commands that only read a run take none.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from transformer_jax.parallel import distributed
 from transformer_jax.runs.rundir import RunConfigError, make_dir, why_not_written
 
-__all__ = ["HEARTBEAT_S", "LOCK", "STALE_S", "RunLocked", "hold", "release_all"]
+__all__ = ["HEARTBEAT_S", "LOCK", "STALE_S", "RunLocked", "hold", "hold_lead", "release_all"]
 
 LOCK = ".lock"  # a dot file: rundir.prepare does not count it as someone else's file
 HEARTBEAT_S = 30.0
@@ -105,6 +108,35 @@ def hold(out: str | os.PathLike) -> Iterator[None]:
             if lock.depth == 0 and _held.get(key) is lock:
                 del _held[key]
                 lock.release()
+
+
+@contextlib.contextmanager
+def hold_lead(out: str | os.PathLike) -> Iterator[None]:
+    """:func:`hold` on process 0 only; every process raises if process 0 is refused.
+
+    Every process of a multi-host run must enter this at the same point (one all-gather).
+
+    Raises:
+      RunLocked, RunConfigError: on every process, with process 0's message.
+    """
+    if not distributed.is_lead():
+        refused = distributed.from_lead()
+        if refused:
+            kind, _, message = refused.partition(":")
+            raise (RunLocked if kind == "RunLocked" else RunConfigError)(message)
+        yield
+        return
+    try:
+        claim = hold(out)
+        claim.__enter__()
+    except RunConfigError as e:
+        distributed.from_lead(f"{type(e).__name__}:{e}")
+        raise
+    distributed.from_lead("")
+    try:
+        yield
+    finally:
+        claim.__exit__(None, None, None)
 
 
 def release_all() -> None:
