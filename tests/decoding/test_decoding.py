@@ -85,9 +85,8 @@ def copy_model():
 def test_lm_cache_matches_full_forward(lm):
     model, params, fwd = lm
     x = _tokens(2, (2, 10))
-    cache, step = model.init_decoding(params, 2, 10)
-    step = jax.jit(step)
-    logits, cache = step(x[:, :4], cache)  # prefill 4 tokens, then 1 at a time
+    logits, cache, step = model.start_decoding(params, x[:, :4], 10)  # prefill 4 tokens
+    step = jax.jit(step)  # then 1 at a time
     pieces = [logits]
     for t in range(4, 10):
         logits, cache = step(x[:, t:t + 1], cache)

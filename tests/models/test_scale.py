@@ -125,9 +125,8 @@ def test_scanned_kv_cache_decoding_equals_the_full_forward():
     x = _tokens(5, (2, 10))
     params = model.init(KEY, x)["params"]
     assert params["layers"]["block"]["mlp"]["wi"]["kernel"].shape[0] == 2  # the layer axis
-    cache, step = model.init_decoding(params, 2, 10)
+    logits, cache, step = model.start_decoding(params, x[:, :3], 10)
     step = jax.jit(step)
-    logits, cache = step(x[:, :3], cache)
     pieces = [logits]
     for t in range(3, 10):
         logits, cache = step(x[:, t:t + 1], cache)
@@ -174,9 +173,9 @@ def test_cached_decoding_equals_the_full_forward_for_every_option(option):
     lm = TransformerLM(cfg)
     x = _tokens(6, (2, 8))
     params = lm.init(KEY, x)["params"]
-    cache, step = lm.init_decoding(params, 2, 8)
-    pieces = []
-    for t in range(8):
+    logits, cache, step = lm.start_decoding(params, x[:, :1], 8)
+    pieces = [logits]
+    for t in range(1, 8):
         logits, cache = step(x[:, t:t + 1], cache)
         pieces.append(logits)
     np.testing.assert_allclose(jnp.concatenate(pieces, 1), lm.apply({"params": params}, x),

@@ -1,10 +1,8 @@
-"""Sampling from a language model: one loop over a step function.
+"""Sampling from a language model: one loop over its decoding step.
 
-Every language model of the package provides ``init_decoding(params, batch_size, length) ->
-(state, step)`` with ``step(tokens[B, t], state) -> (logits[B, t, V], state)``: the
-Transformer's state is its KV cache (the Flax ``"cache"`` collection), the RNN's its recurrent
-carry. :func:`generate` knows nothing else of the model, in the way the Flax wmt example's
-decoder receives a ``tokens_to_logits`` function.
+The model's ``start_decoding`` (the protocol of :mod:`transformer_jax.decoding`) feeds the
+prompt and returns the step: the Transformer's state is its KV cache (the Flax ``"cache"``
+collection), the RNN's its recurrent carry. :func:`generate` knows nothing else of the model.
 
 :func:`generate` is ``jax.jit``-compiled with the model and the lengths static and the rest
 traced, so it compiles once per (model, batch, prompt length, new tokens); the loop runs inside
@@ -74,8 +72,7 @@ def sample_logits(logits, key, temperature, top_k=0, top_p=1.0):
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
 def _generate(model, params, prompt, rng, temperature, top_k, top_p, *, max_new_tokens):
     B, T0 = prompt.shape
-    state, step = model.init_decoding(params, B, T0 + max_new_tokens - 1)
-    logits, state = step(prompt, state)  # prefill: the prompt in one pass
+    logits, state, step = model.start_decoding(params, prompt, T0 + max_new_tokens - 1)
     out = jnp.concatenate([prompt, jnp.zeros((B, max_new_tokens), prompt.dtype)], axis=1)
 
     def body(i, carry):
@@ -100,7 +97,7 @@ def generate(model, params, prompt, max_new_tokens: int, *, rng, temperature: fl
     (model, B, T0, max_new_tokens); temperature, top_k and top_p are traced (no recompile).
 
     Args:
-      model: a language model with ``init_decoding``
+      model: a language model, one with ``start_decoding`` and ``context_limit``
         (:class:`~transformer_jax.models.TransformerLM`, :class:`~transformer_jax.models.RNNLM`).
       params: its parameters.
       prompt: [B, T0] int tokens (dense, no padding), T0 >= 1.
@@ -114,7 +111,7 @@ def generate(model, params, prompt, max_new_tokens: int, *, rng, temperature: fl
     Returns:
       [B, T0 + max_new_tokens] tokens: the prompt followed by the sampled tokens.
     """
-    if not hasattr(model, "init_decoding"):
+    if not hasattr(model, "context_limit"):
         raise TypeError("generate() samples from a language model; use greedy_decode() or "
                         f"beam_search() for the encoder-decoder, got {type(model).__name__}")
     prompt = jnp.asarray(prompt)
@@ -150,7 +147,7 @@ def sample_text(model: Any, params: Any, prompt: str, *, max_new_tokens: int,
     rest). A model without a context limit (the recurrent baselines) runs in one pass.
 
     Args:
-      model: a language model with ``init_decoding`` and ``context_limit``.
+      model: a language model (``start_decoding`` and ``context_limit``).
       params: its parameters.
       prompt: the text to continue (an empty prompt starts from a newline).
       max_new_tokens: tokens to generate (>= 1).

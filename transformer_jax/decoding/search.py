@@ -1,10 +1,9 @@
 """Greedy decoding and beam search for the encoder–decoder, over its decoding step.
 
-The model provides ``start_decoding(params, src, length, repeat) -> (logits, state, step)``:
-it encodes the source once, fills the KV cache with the first step (BOS), and returns
-``step(tokens, state) -> (logits, state)`` for the rest (the cross-attention keys and values
-are projected from the encoder output once and read from the cache after that). The search
-knows nothing else of the model.
+The model's ``start_decoding`` (the protocol of :mod:`transformer_jax.decoding`) encodes the
+source once, fills the KV cache with the first step (BOS), and returns the step for the rest
+(the cross-attention keys and values are projected from the encoder output once and read from
+the cache after that). The search knows nothing else of the model.
 
 Both functions are ``jax.jit``-compiled with the model and the lengths static, so they compile
 once per (model, batch, source length, output length) and the loop runs inside XLA
@@ -30,7 +29,8 @@ __all__ = ["beam_search", "greedy_decode", "translate"]
 
 
 def _default_max_len(model, src, max_len):
-    if not hasattr(model, "start_decoding"):
+    if not hasattr(model, "start_decoding") or hasattr(model, "context_limit"):
+        # A language model decodes through the same protocol, but continues its input.
         raise TypeError(f"expected an encoder-decoder Transformer, got {type(model).__name__}")
     if jnp.ndim(src) != 2:
         raise ValueError(f"src must be [B, S], got shape {jnp.shape(src)}")

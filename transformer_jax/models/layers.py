@@ -88,8 +88,10 @@ def dense(cfg: ModelConfig, features, name: str, axis=-1) -> nn.DenseGeneral:
                            param_dtype=cfg.params_dtype, dot_general=contract, name=name)
 
 
-def norm(cfg: ModelConfig, name: str) -> nn.Module:
-    """LayerNorm or RMSNorm (``cfg.norm_type``); statistics and output in float32."""
+def norm_layer(cfg: ModelConfig, name: str) -> nn.Module:
+    """LayerNorm or RMSNorm (``cfg.norm_type``); statistics and output in float32.
+
+    ``cfg.norm`` says where it goes: before its sublayer (pre) or after the residual (post)."""
     if cfg.norm_type == "rmsnorm":
         return nn.RMSNorm(epsilon=cfg.layer_norm_eps, dtype=jnp.float32,
                           param_dtype=cfg.params_dtype, name=name)
@@ -292,8 +294,8 @@ class EncoderBlock(nn.Module):
         cfg = self.cfg
         attn = MultiHeadAttention(cfg, causal=self.causal, name="self_attention")
         x = _sublayer(cfg, x, lambda h: attn(h, mask=mask, decode=decode),
-                      norm(cfg, "ln_self"), deterministic)
-        return _sublayer(cfg, x, FeedForward(cfg, name="mlp"), norm(cfg, "ln_mlp"),
+                      norm_layer(cfg, "ln_self"), deterministic)
+        return _sublayer(cfg, x, FeedForward(cfg, name="mlp"), norm_layer(cfg, "ln_mlp"),
                          deterministic)
 
 
@@ -310,10 +312,10 @@ class DecoderBlock(nn.Module):
         self_attn = MultiHeadAttention(cfg, causal=True, name="self_attention")
         cross_attn = MultiHeadAttention(cfg, cross=True, name="cross_attention")
         x = _sublayer(cfg, x, lambda h: self_attn(h, decode=decode),
-                      norm(cfg, "ln_self"), deterministic)
+                      norm_layer(cfg, "ln_self"), deterministic)
         x = _sublayer(cfg, x, lambda h: cross_attn(h, encoded, mask=src_mask, decode=decode),
-                      norm(cfg, "ln_cross"), deterministic)
-        return _sublayer(cfg, x, FeedForward(cfg, name="mlp"), norm(cfg, "ln_mlp"),
+                      norm_layer(cfg, "ln_cross"), deterministic)
+        return _sublayer(cfg, x, FeedForward(cfg, name="mlp"), norm_layer(cfg, "ln_mlp"),
                          deterministic)
 
 

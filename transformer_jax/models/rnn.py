@@ -101,18 +101,32 @@ class RNNLM(nn.Module):
         return None
 
     @nn.nowrap
-    def init_decoding(self, params, batch_size: int, length: int):
-        """The zero recurrent state and the step that advances it (``length`` is not needed).
+    def start_decoding(self, params, prompt, length: int, *, repeat: int = 1):
+        """Run ``prompt`` from the zero state and return the step that advances it.
+
+        The decoding protocol of every model of the package (see :mod:`transformer_jax.decoding`).
+
+        Args:
+          params: the model's parameters.
+          prompt: [B, T0] tokens, T0 >= 1.
+          length: not needed: the recurrent state carries any length.
+          repeat: copies of each prompt (rows b·repeat … b·repeat + repeat - 1).
 
         Returns:
-          (carry, step) with ``step(tokens[B, t], carry) -> (logits[B, t, V], carry)``.
+          (logits [B·repeat, T0, V] of the prompt, carry, step) with ``step(tokens[B·repeat,
+          t], carry, rows=None) -> (logits[B·repeat, t, V], carry)``; ``rows`` [B·repeat]
+          first makes row r of the carry a copy of row ``rows[r]``.
         """
         del length
+        prompt = jnp.repeat(prompt, repeat, axis=0) if repeat > 1 else prompt
 
-        def step(tokens, carry):
+        def step(tokens, carry, rows=None):
+            if rows is not None:
+                carry = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), carry)
             return self.apply({"params": params}, tokens, carry=carry, return_carry=True)
 
-        return self.init_carry(batch_size), step
+        logits, carry = step(prompt, self.init_carry(prompt.shape[0]))
+        return logits, carry, step
 
 
 class LSTMLM(RNNLM):

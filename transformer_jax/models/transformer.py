@@ -41,7 +41,7 @@ from transformer_jax.models.layers import (
     PositionalEncoding,
     dense,
     layer_stack,
-    norm,
+    norm_layer,
     run_stack,
     sinusoidal_positions,
 )
@@ -103,8 +103,8 @@ class Transformer(nn.Module):
         self.encoder_layers = layer_stack(cfg, "encoder", "encoder")
         self.decoder_layers = layer_stack(cfg, "decoder", "decoder")
         if cfg.norm == "pre":
-            self.encoder_norm = norm(cfg, "encoder_norm")
-            self.decoder_norm = norm(cfg, "decoder_norm")
+            self.encoder_norm = norm_layer(cfg, "encoder_norm")
+            self.decoder_norm = norm_layer(cfg, "decoder_norm")
         if not cfg.share_embeddings:
             self.unembed = dense(cfg, cfg.vocab_size, "unembed")
 
@@ -162,6 +162,8 @@ class Transformer(nn.Module):
     def start_decoding(self, params, src, length: int, *, repeat: int = 1):
         """Encode ``src`` once, feed ``bos_id``, and return the step for the next tokens.
 
+        The decoding protocol of every model of the package (see :mod:`transformer_jax.decoding`).
+
         Args:
           params: the model's parameters.
           src: [B, S] source tokens.
@@ -169,9 +171,10 @@ class Transformer(nn.Module):
           repeat: copies of each source (W for beam search: rows b·W … b·W + W - 1).
 
         Returns:
-          (logits [B·repeat, 1, V] after BOS, state, step) with ``step(tokens[B·repeat, 1],
-          state, rows=None) -> (logits, state)``; ``rows`` [B·repeat] first makes row r of the
-          state a copy of row ``rows[r]`` (beam search's reordering of hypotheses).
+          (logits [B·repeat, 1, V] after BOS, state, step) with ``step(tokens[B·repeat, t],
+          state, rows=None) -> (logits[B·repeat, t, V], state)``; ``rows`` [B·repeat] first
+          makes row r of the state a copy of row ``rows[r]`` (beam search's reordering of
+          hypotheses).
         """
         if length > self.cfg.max_len:
             raise ValueError(f"decoding needs {length} decoder positions, more than "
@@ -223,7 +226,7 @@ class TransformerLM(nn.Module):
         x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = run_stack(layer_stack(cfg, "lm", "layer"), x, None, deterministic, decode)
         if cfg.norm == "pre":
-            x = norm(cfg, "decoder_norm")(x).astype(x.dtype)
+            x = norm_layer(cfg, "decoder_norm")(x).astype(x.dtype)
         logits = embed.attend(x) if cfg.share_embeddings else dense(cfg, cfg.vocab_size,
                                                                       "unembed")(x)
         return logits.astype(jnp.float32)
@@ -234,32 +237,42 @@ class TransformerLM(nn.Module):
         return self.cfg.max_len
 
     @nn.nowrap
-    def init_decoding(self, params, batch_size: int, length: int):
-        """A zero KV cache for ``length`` positions and the step that feeds it.
+    def start_decoding(self, params, prompt, length: int, *, repeat: int = 1):
+        """Feed ``prompt`` in one pass (prefill) and return the step for the next tokens.
+
+        The decoding protocol of every model of the package (see :mod:`transformer_jax.decoding`).
 
         Args:
           params: the model's parameters.
-          batch_size: B.
-          length: L, positions the cache holds (<= ``cfg.max_len``).
+          prompt: [B, T0] tokens, T0 >= 1.
+          length: L, positions the KV cache holds, the prompt included (<= ``cfg.max_len``).
+          repeat: copies of each prompt (rows b·repeat … b·repeat + repeat - 1).
 
         Returns:
-          (cache, step) with ``step(tokens[B, t], cache) -> (logits[B, t, V], cache)``: feeds
-          ``tokens`` at the cache's position (a prompt in one pass, then one token at a time).
+          (logits [B·repeat, T0, V] of the prompt, state, step) with ``step(tokens[B·repeat,
+          t], state, rows=None) -> (logits[B·repeat, t, V], state)``, which feeds ``tokens`` at
+          the cache's position; ``rows`` [B·repeat] first makes row r of the state a copy of
+          row ``rows[r]``.
         """
         if length > self.cfg.max_len:
             raise ValueError(f"decoding needs {length} positions, more than "
                              f"max_len={self.cfg.max_len}")
+        prompt = jnp.repeat(prompt, repeat, axis=0) if repeat > 1 else prompt
 
-        def step(tokens, cache):
+        def step(tokens, cache, rows=None):
+            if rows is not None:
+                cache = _take_rows(cache, rows)
             logits, mut = self.apply({"params": params, "cache": cache}, tokens, decode=True,
                                      mutable=["cache"])
             return logits, mut["cache"]
 
-        dummy = jnp.zeros((batch_size, length), jnp.int32)
+        dummy = jnp.zeros((prompt.shape[0], length), jnp.int32)
         # A decode call on an empty cache only defines its shapes (see MultiHeadAttention).
         shapes = jax.eval_shape(lambda p: self.apply({"params": p}, dummy, decode=True,
                                                      mutable=["cache"])[1]["cache"], params)
-        return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), step
+        cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+        logits, cache = step(prompt, cache)
+        return logits, cache, step
 
 
 def _take_rows(state, rows):
