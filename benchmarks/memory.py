@@ -38,9 +38,11 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout: benchmarks.common and tra
 
 from benchmarks import common  # noqa: E402
 from transformer_jax import models, train  # noqa: E402
-from transformer_jax.config import PRESETS, TrainConfig  # noqa: E402
+from transformer_jax.config import PRESETS, RECIPES  # noqa: E402
 from transformer_jax.models import accounting  # noqa: E402
 from transformer_jax.runs import metrics  # noqa: E402
+
+DEFAULT_RUN = RECIPES["cpu-lm"].train  # the default run's training settings
 
 REMAT_SHAPE = {"preset": "gpt2-small", "seq_len": 1024, "batch": 8}
 COMPILE_CFG = dataclasses.replace(PRESETS["cpu-gpt"], d_model=256, num_heads=4, num_kv_heads=4,
@@ -51,7 +53,7 @@ COMPILE_T, COMPILE_B = 128, 4
 def _compiled_step(cfg, seq_len: int, batch: int):
     """(compiled one-step train function, seconds to lower and compile it, fresh-state fn)."""
     model = models.build_model("transformer", cfg)
-    tc = TrainConfig(batch_size=batch, seq_len=seq_len, steps_per_call=1)
+    tc = DEFAULT_RUN.replace(batch_size=batch, seq_len=seq_len, steps_per_call=1)
     tx = train.make_optimizer(tc, cfg.d_model)
     fresh = functools.partial(train.init_state, model, tx, seed=0, seq_len=seq_len)
     state = jax.eval_shape(fresh)

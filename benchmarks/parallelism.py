@@ -45,7 +45,9 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout: benchmarks.common and tra
 
 from benchmarks import common  # noqa: E402
 from transformer_jax import data, models, parallel, train  # noqa: E402
-from transformer_jax.config import PRESETS, TrainConfig  # noqa: E402
+from transformer_jax.config import PRESETS, RECIPES  # noqa: E402
+
+DEFAULT_RUN = RECIPES["cpu-lm"].train  # the default run's training settings
 
 # The timed model: 2 × 128, T 64, B 16 (divisible by 8 devices), k steps per call.
 TIMED = dataclasses.replace(PRESETS["cpu-gpt"], num_decoder_layers=2, d_model=128, num_heads=4,
@@ -63,7 +65,7 @@ LAYOUTS = [  # (name, --parallel, --mesh) on 8 devices
 
 
 def _step_and_state(cfg, seq_len, k):
-    tc = TrainConfig(batch_size=BATCH, seq_len=seq_len, steps_per_call=k)
+    tc = DEFAULT_RUN.replace(batch_size=BATCH, seq_len=seq_len, steps_per_call=k)
     model = models.build_model("transformer", cfg)
     tx = train.make_optimizer(tc, cfg.d_model)
     step = functools.partial(train.train_steps, apply_fn=model.apply, tx=tx)

@@ -39,9 +39,11 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout: benchmarks.common and tra
 
 from benchmarks import common  # noqa: E402
 from transformer_jax import data, models, train  # noqa: E402
-from transformer_jax.config import PRESETS, TrainConfig  # noqa: E402
+from transformer_jax.config import PRESETS, RECIPES  # noqa: E402
 from transformer_jax.models import accounting  # noqa: E402
 from transformer_jax.runs import metrics  # noqa: E402
+
+DEFAULT_RUN = RECIPES["cpu-lm"].train  # the default run's training settings
 
 CATEGORIES = ("matmul", "reduce", "elementwise", "layout", "other")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ (\w[\w-]*)\(")
@@ -107,7 +109,7 @@ def profile(layers, d_model, heads, d_ff, seq_len, batch, steps, preset="cpu-gpt
     cfg = dataclasses.replace(PRESETS[preset], num_decoder_layers=layers, d_model=d_model,
                               num_heads=heads, num_kv_heads=heads, d_ff=d_ff, dropout_rate=0.0,
                               max_len=max(seq_len, PRESETS[preset].max_len))
-    tc = TrainConfig(batch_size=batch, seq_len=seq_len, steps_per_call=1)
+    tc = DEFAULT_RUN.replace(batch_size=batch, seq_len=seq_len, steps_per_call=1)
     model = models.build_model("transformer", cfg)
     tx = train.make_optimizer(tc, cfg.d_model)
     step = jax.jit(functools.partial(train.train_steps, apply_fn=model.apply, tx=tx),

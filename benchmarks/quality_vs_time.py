@@ -59,7 +59,7 @@ PROBE_STEPS = 20  # two compiled calls: the first compiles, the second is timed
 
 def configs(model: str, seq_len: int, lr: float, steps: int, out: Path):
     """(ModelConfig, TrainConfig) of one run: the default run's, resized and re-timed."""
-    base_model, base_train = train_cli.configs_from_args(train_cli.build_parser("lm").parse_args([]))
+    base_model, base_train = train_cli.configure([])
     base_model = dataclasses.replace(base_model, max_len=max(base_model.max_len, seq_len))
     model_cfg = base_model
     if model != "transformer":
@@ -68,8 +68,8 @@ def configs(model: str, seq_len: int, lr: float, steps: int, out: Path):
                                     vocab_size=base_model.vocab_size)
     every = max(10, steps // EVALS // 10 * 10)
     steps = max(every, steps // every * every)
-    train_cfg = dataclasses.replace(
-        base_train, model=model, seq_len=seq_len, batch_size=BATCH[seq_len], lr=lr,
+    train_cfg = base_train.replace(
+        model=model, seq_len=seq_len, batch_size=BATCH[seq_len], lr=lr,
         weight_decay=WEIGHT_DECAY, steps=steps, warmup=min(base_train.warmup, steps // 10),
         log_every=every, eval_every=every, ckpt_every=steps, steps_per_call=10, sample_tokens=0,
         out=str(out))
@@ -82,8 +82,8 @@ def train_run(model: str, seq_len: int, lr: float, steps: int, folder: Path) -> 
     result = loop.run(model_cfg, train_cfg, progress=False, log=lambda message: None)
     records = metrics.read_jsonl(folder / "metrics.jsonl")
     curve = [(r["train_s"], r["val_bpb"]) for r in records if r.get("val_bpb") is not None]
-    return {"model": model, "seq_len": seq_len, "lr": lr, "steps": train_cfg.steps,
-            "batch": train_cfg.batch_size, "params": common.lm_num_params(
+    return {"model": model, "seq_len": seq_len, "lr": lr, "steps": train_cfg.schedule.steps,
+            "batch": train_cfg.data.batch_size, "params": common.lm_num_params(
                 build_model(model, model_cfg)), "width": model_cfg.d_model,
             "curve": curve, "final_bpb": curve[-1][1], "train_s": curve[-1][0],
             "tokens_per_s": result.tokens_per_s}

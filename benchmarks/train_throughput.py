@@ -39,9 +39,11 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout: benchmarks.common and tra
 
 from benchmarks import common  # noqa: E402
 from transformer_jax import data, models, parallel, train  # noqa: E402
-from transformer_jax.config import PRESETS, TrainConfig  # noqa: E402
+from transformer_jax.config import PRESETS, RECIPES  # noqa: E402
 from transformer_jax.models import accounting  # noqa: E402
 from transformer_jax.runs import metrics  # noqa: E402
+
+DEFAULT_RUN = RECIPES["cpu-lm"].train  # the default run's training settings
 
 # (name, layers, d_model, heads, d_ff, seq_len, batch)
 # The peer GPT's two published character-level shapes: its CPU config (4×128, T 64, B 12) and
@@ -62,7 +64,7 @@ def _variants(layers, d_model, heads, d_ff, seq_len, batch, k, n_dev):
     cfg = dataclasses.replace(PRESETS["cpu-gpt"], num_decoder_layers=layers, d_model=d_model,
                               num_heads=heads, num_kv_heads=heads, d_ff=d_ff, dropout_rate=0.0,
                               max_len=max(seq_len, 64))
-    tc = TrainConfig(batch_size=batch, seq_len=seq_len, steps_per_call=k)
+    tc = DEFAULT_RUN.replace(batch_size=batch, seq_len=seq_len, steps_per_call=k)
     model = models.build_model("transformer", cfg)
     tx = train.make_optimizer(tc, cfg.d_model)
     tokens = data.load_corpus().train

@@ -30,8 +30,10 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout: benchmarks.common and tra
 
 from benchmarks import common  # noqa: E402
 from transformer_jax import decoding, train  # noqa: E402
-from transformer_jax.config import ModelConfig, TrainConfig  # noqa: E402
+from transformer_jax.config import RECIPES, ModelConfig  # noqa: E402
 from transformer_jax.models import RNNLM, TransformerLM, accounting, match_rnn_width  # noqa: E402
+
+DEFAULT_RUN = RECIPES["cpu-lm"].train  # the default run's training settings
 
 VOCAB = 256
 # Transformer shapes per budget (pre-LN, sinusoidal positions so the count does not depend on
@@ -88,7 +90,7 @@ def make_call(name, model, cfg, params, mode, B, T, new_tokens):
         return functools.partial(decoding.generate, model, params, prompt, new_tokens,
                                  rng=jax.random.PRNGKey(0), temperature=1.0)
     # The step train.py runs: AdamW + clipping inside apply_if_finite, state donated.
-    tc = TrainConfig(model=name, steps=1000, batch_size=B, seq_len=T, lr=1e-3)
+    tc = DEFAULT_RUN.replace(model=name, steps=1000, batch_size=B, seq_len=T, lr=1e-3)
     tx = train.make_optimizer(tc, cfg.d_model)
     step = jax.jit(functools.partial(train.train_step, apply_fn=model.apply, tx=tx),
                    donate_argnums=0)

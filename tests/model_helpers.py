@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer_jax.config import PRESETS
+from transformer_jax.config import PRESETS, RECIPES
 
 TINY = PRESETS["tiny"]
 KEY = jax.random.key(0)
@@ -45,12 +45,11 @@ def write_seq2seq_run(out, task_name="reverse", seeds=(0, 1)):
     from transformer_jax.data.seq2seq_tasks import get_task
     from transformer_jax.models.transformer import Transformer
     from transformer_jax.runs.checkpoint import Checkpointer
-    from transformer_jax.train import seq2seq
 
     task = get_task(task_name)
     cfg = dataclasses.replace(TINY, vocab_size=task.vocab_size, num_encoder_layers=1,
                               num_decoder_layers=1, max_len=24)
-    tc = dataclasses.replace(seq2seq.TRAIN_DEFAULTS, task=task_name, out=str(out))
+    tc = RECIPES["translate"].train.replace(task=task_name, out=str(out))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "train": tc.to_dict()}))
     model, tx = Transformer(cfg), training.make_optimizer(tc, cfg.d_model)

@@ -12,7 +12,9 @@ import dataclasses
 import json
 import sys
 
-from transformer_jax.config import PRESETS, TrainConfig
+from transformer_jax.config import PRESETS, RECIPES, TrainConfig
+
+DEFAULT_RUN = RECIPES["cpu-lm"].train  # the default run's training settings
 
 MODEL = dataclasses.replace(PRESETS["tiny"], vocab_size=256, dropout_rate=0.0,
                             num_decoder_layers=1)
@@ -28,7 +30,7 @@ def train_config(out, data_file, **overrides) -> TrainConfig:
                 "eval_batch_size": 256, "parallel": "sharded",
                 "mesh": "fsdp=4",  # FSDP across both processes: each host holds half
                 "sample_tokens": 0}
-    return TrainConfig(**{**settings, **overrides})
+    return DEFAULT_RUN.replace(**{**settings, **overrides})
 
 
 def main(coordinator: str, process_id: str, *runs: str) -> None:
@@ -45,7 +47,7 @@ def main(coordinator: str, process_id: str, *runs: str) -> None:
     metrics.peak_flops = lambda devices: (1e9, "test")  # skip the CPU matmul probe
     for out, data_file in zip(runs[::2], runs[1::2]):
         tc = train_config(out, data_file)
-        model = dataclasses.replace(MODEL, vocab_size=data_vocab_size(tc.data))  # a dataset's
+        model = dataclasses.replace(MODEL, vocab_size=data_vocab_size(tc.data.data))  # a dataset's
         first = loop.run(model, tc, stop_at=2, progress=False)
         second = loop.run(model, tc, progress=False)
         print(json.dumps({"out": out, "process": jax.process_index(),

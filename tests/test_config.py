@@ -38,7 +38,7 @@ def test_defaults_and_derived():
     assert cfg.head_dim == 16
     assert (cfg.pad_id, cfg.bos_id, cfg.eos_id) == (0, 1, 2)
     bf16 = dataclasses.replace(cfg, dtype="bfloat16")
-    assert bf16.compute_dtype == jnp.bfloat16 and bf16.params_dtype == jnp.float32
+    assert bf16.compute_dtype == jnp.bfloat16 and bf16.storage_dtype == jnp.float32
     gqa = dataclasses.replace(cfg, num_kv_heads=2)
     assert gqa.num_kv_heads == 2 and accounting.num_params(gqa) < accounting.num_params(cfg)
 
@@ -74,8 +74,8 @@ def test_frozen_and_keyword_only():
     ],
 )
 def test_invalid_configs_raise(changes, match):
-    with pytest.raises(ValueError, match=match):
-        dataclasses.replace(PRESETS["tiny"], **changes)
+    with pytest.raises(ValueError, match=match):  # head shapes: when a Transformer is made
+        dataclasses.replace(PRESETS["tiny"], **changes).check_attention()
 
 
 def test_json_round_trip():

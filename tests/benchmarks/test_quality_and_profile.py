@@ -22,15 +22,15 @@ def test_time_to_reach_interpolates_the_first_crossing():
 
 
 def test_the_benchmark_runs_the_default_model_and_rnns_of_its_size(tmp_path):
-    from transformer_jax.models import build_model
     from benchmarks import common
+    from transformer_jax.models import build_model
 
     sizes = {}
     for model in quality_vs_time.MODELS:
         model_cfg, tc = quality_vs_time.configs(model, 256, 1e-3, 1234, tmp_path)
         sizes[model] = common.lm_num_params(build_model(model, model_cfg))
-        assert (tc.seq_len, tc.batch_size, tc.sample_tokens) == (256, 4, 0)
-        assert tc.steps % tc.eval_every == 0 and tc.steps // tc.eval_every >= 10
+        assert (tc.data.seq_len, tc.data.batch_size, tc.eval.sample_tokens) == (256, 4, 0)
+        assert tc.schedule.steps % tc.loop.eval_every == 0 and tc.schedule.steps // tc.loop.eval_every >= 10
         assert model_cfg.max_len >= 256
     for rnn in ("lstm", "gru"):
         assert abs(sizes[rnn] / sizes["transformer"] - 1) < 0.05

@@ -34,7 +34,7 @@ def run_dir(tmp_path_factory):
 def test_train_cli_writes_the_run_directory(run_dir):
     out, proc = run_dir
     config = json.loads((out / "config.json").read_text())
-    assert config["model"]["vocab_size"] == 256 and config["train"]["steps"] == 20
+    assert config["model"]["vocab_size"] == 256 and config["train"]["schedule"]["steps"] == 20
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [5, 10, 15, 20]
     assert all(set(METRIC_KEYS) <= set(r) for r in records)

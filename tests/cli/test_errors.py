@@ -28,7 +28,7 @@ BASE = ["--preset", "tiny", "--steps", "4", "--batch-size", "4", "--seq-len", "1
 
 
 def _configs(argv):
-    return train.configs_from_args(train.build_parser().parse_args(argv))
+    return train.configure(argv)
 
 
 def _run_dir(path, *, ckpt_model=None, truncate=False):
@@ -217,9 +217,9 @@ API_CASES = [
     ("src/tgt batch", lambda: S2S.apply({"params": S2S_PARAMS}, tokens(0, (2, 4)),
                                         tokens(1, (3, 4))), ValueError,
      ["tgt has batch size 3, the source has 2"]),
-    ("config heads", lambda: dataclasses.replace(TINY, num_heads=3), ValueError,
+    ("config heads", lambda: TransformerLM(dataclasses.replace(TINY, num_heads=3)), ValueError,
      ["d_model=32 must be divisible by num_heads=3"]),
-    ("config GQA", lambda: dataclasses.replace(TINY, num_kv_heads=3), ValueError,
+    ("config GQA", lambda: TransformerLM(dataclasses.replace(TINY, num_kv_heads=3)), ValueError,
      ["num_heads=2 must be a multiple of num_kv_heads=3"]),
 ]
 

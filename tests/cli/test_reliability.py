@@ -257,7 +257,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
                 "--parallel", "none", "--sample-tokens", "0", "--no-progress",
                 "--max-nonfinite", "3", "--data", str(_corpus(tmp_path / "corpus.txt")),
                 "--out", str(out)]
-        model_cfg, tc = train.configs_from_args(train.build_parser().parse_args(argv))
+        model_cfg, tc = train.configure(argv)
         quiet = {"progress": False, "log": lambda s: None}
         before = loop.run(model_cfg, tc, stop_at=2, **quiet).state
         after = loop.run(model_cfg, tc, stop_at=3, **quiet).state  # step 2: NaN loss

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from transformer_jax.cli import visualize
-from transformer_jax.config import PRESETS, TrainConfig
+from transformer_jax.config import PRESETS, RECIPES
 from transformer_jax.runs.load import load_run
 from transformer_jax.train import loop
+
+DEFAULT_RUN = RECIPES["cpu-lm"].train  # the default run's training settings
 
 
 def png_size(path):
@@ -25,7 +27,7 @@ def lm_run(tmp_path_factory):
     """A tiny LM trained for a few steps on the embedded corpus (in-process, one device)."""
     out = tmp_path_factory.mktemp("viz") / "run"
     cfg = dataclasses.replace(PRESETS["tiny"], num_decoder_layers=2, num_heads=2)
-    tc = TrainConfig(out=str(out), steps=6, batch_size=4, seq_len=32, log_every=2,
+    tc = DEFAULT_RUN.replace(out=str(out), steps=6, batch_size=4, seq_len=32, log_every=2,
                      eval_every=6, ckpt_every=6, steps_per_call=2, sample_tokens=0,
                      parallel="none")
     loop.run(cfg, tc, progress=False, log=lambda _: None)

@@ -12,11 +12,12 @@ from model_helpers import tokens as _tokens
 
 from transformer_jax import decoding
 from transformer_jax.cli import train as train_cli
-from transformer_jax.config import MODERN_OPTIONS, PRESETS, model_identity
+from transformer_jax.config import MODERN_OPTIONS, PRESETS
 from transformer_jax.models import Transformer, TransformerLM
 from transformer_jax.models.layers import apply_rotary
 from transformer_jax.parallel import sharding
 from transformer_jax.runs import rundir
+from transformer_jax.runs.identity import model_identity
 from transformer_jax.train import cross_entropy
 
 LM = dataclasses.replace(TINY, num_decoder_layers=2, dropout_rate=0.1)
@@ -198,7 +199,7 @@ def test_modern_presets_use_every_option():
             ("pre", "rmsnorm", "rope", "swiglu")
         assert cfg.qk_norm and not cfg.use_bias and not cfg.share_embeddings
     with pytest.raises(ValueError, match="even head dim"):
-        dataclasses.replace(TINY, d_model=30, num_heads=2, positions="rope")
+        dataclasses.replace(TINY, d_model=30, num_heads=2, positions="rope").check_attention()
 
 
 def test_z_loss_adds_the_squared_log_normaliser():
@@ -255,11 +256,11 @@ def test_the_flags_set_the_options_and_the_other_layout_is_refused(tmp_path):
     argv = ["--preset", "cpu-lm", "--positions", "rope", "--norm-type", "rmsnorm",
             "--activation", "swiglu", "--qk-norm", "--no-bias", "--no-tie-embeddings",
             "--remat", "dots", "--scan-layers", "--z-loss", "1e-4", "--out", str(tmp_path)]
-    model_cfg, tc = train_cli.configs_from_args(train_cli.build_parser().parse_args(argv))
+    model_cfg, tc = train_cli.configure(argv)
     assert (model_cfg.positions, model_cfg.norm_type, model_cfg.activation) == \
         ("rope", "rmsnorm", "swiglu")
     assert model_cfg.qk_norm and not model_cfg.use_bias and not model_cfg.share_embeddings
-    assert model_cfg.remat == "dots" and model_cfg.scan_layers and tc.z_loss == 1e-4
+    assert model_cfg.remat == "dots" and model_cfg.scan_layers and tc.optim.z_loss == 1e-4
     rundir.prepare(tmp_path, model_cfg, tc, print)
     rundir.prepare(tmp_path, dataclasses.replace(model_cfg, remat="none"), tc, print)  # resumes
     with pytest.raises(rundir.RunConfigError, match="differs in: scan_layers"):

@@ -18,10 +18,13 @@ from multihost_worker import DEVICES_PER_PROCESS, MODEL, NUM_PROCESSES, train_co
 
 from transformer_jax import data, models, parallel
 from transformer_jax import train as training
-from transformer_jax.config import TrainConfig
+from transformer_jax.config import RECIPES
 from transformer_jax.data import prepare, prepared
+from transformer_jax.parallel.mesh import mesh_axes
 from transformer_jax.parallel import sharding
 from transformer_jax.runs.checkpoint import Checkpointer
+
+DEFAULT_RUN = RECIPES["cpu-lm"].train  # the default run's training settings
 
 ROOT = Path(__file__).resolve().parents[2]
 T, B = 16, 8
@@ -38,7 +41,7 @@ def _setup():
     # shift-invariant), so its "gradient" is float32 noise that depends on the summation order,
     # and with a tiny ε Adam turns that noise into updates of ~lr. ε = 1e-4 keeps them below
     # the tolerance; the real gradients (≥ 1e-3) hardly notice it.
-    tc = TrainConfig(steps=100, warmup=2, lr=3e-3, eps=1e-4, batch_size=B, seq_len=T)
+    tc = DEFAULT_RUN.replace(steps=100, warmup=2, lr=3e-3, eps=1e-4, batch_size=B, seq_len=T)
     model = models.build_model("transformer", MODEL)
     tx = training.make_optimizer(tc, MODEL.d_model)
     state = jax.device_get(training.init_state(model, tx, seed=0, seq_len=T))
@@ -74,7 +77,7 @@ def test_mesh_flag_parsing_and_errors(devices):
         with pytest.raises(ValueError, match="--mesh"):
             sharding.parse_mesh(bad, 4)
     with pytest.raises(ValueError, match="--mesh"):
-        TrainConfig(mesh="data:2")  # syntax is checked when the config is made
+        mesh_axes("data:2")  # the syntax alone, as train.py checks it before any device
     with pytest.raises(ValueError, match="--mesh needs --parallel sharded or shard_map"):
         parallel.resolve("pmap", devices[:4], "data=4")
     p = parallel.resolve("auto", devices[:8], "data=2,fsdp=2,tensor=2")  # auto + mesh: sharded
@@ -251,13 +254,13 @@ def test_two_processes_match_one_process(two_process_runs, devices, kind):
 
     # The same four global batches on one device, without a restart: the pure step (no loop).
     tc = train_config(tmp_path / "one", data_file)
-    model_cfg = dataclasses.replace(MODEL, vocab_size=prepared.data_vocab_size(tc.data))
+    model_cfg = dataclasses.replace(MODEL, vocab_size=prepared.data_vocab_size(tc.data.data))
     model = models.build_model("transformer", model_cfg)
     tx = training.make_optimizer(tc, MODEL.d_model)
-    corpus = prepared.load_lm_data(tc.data, tc.val_fraction)
+    corpus = prepared.load_lm_data(tc.data.data, tc.data.val_fraction)
     batches = data.train_batches(corpus.train, seed=tc.seed, step=0, num_steps=4,
-                                 batch_size=tc.batch_size, seq_len=tc.seq_len)
-    state = training.init_state(model, tx, seed=tc.seed, seq_len=tc.seq_len)
+                                 batch_size=tc.data.batch_size, seq_len=tc.data.seq_len)
+    state = training.init_state(model, tx, seed=tc.seed, seq_len=tc.data.seq_len)
     ref, _ = jax.device_get(jax.jit(functools.partial(training.train_steps, apply_fn=model.apply,
                                                       tx=tx))(state, batches))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(

@@ -7,7 +7,9 @@ import jax
 import numpy as np
 
 from transformer_jax import data, models, train
-from transformer_jax.config import PRESETS, TrainConfig
+from transformer_jax.config import PRESETS, RECIPES
+
+DEFAULT_RUN = RECIPES["cpu-lm"].train  # the default run's training settings
 
 STEPS, B, T = 200, 8, 32
 
@@ -15,7 +17,7 @@ STEPS, B, T = 200, 8, 32
 def _losses(dtype: str) -> np.ndarray:
     cfg = dataclasses.replace(PRESETS["tiny"], num_decoder_layers=2, dtype=dtype, norm="pre",
                               positions="learned")
-    tc = TrainConfig(steps=STEPS, warmup=20, lr=3e-3, batch_size=B, seq_len=T)
+    tc = DEFAULT_RUN.replace(steps=STEPS, warmup=20, lr=3e-3, batch_size=B, seq_len=T)
     model = models.build_model("transformer", cfg)
     tx = train.make_optimizer(tc, cfg.d_model)
     batches = data.train_batches(data.load_corpus().train, seed=0, step=0, num_steps=STEPS,

@@ -72,9 +72,8 @@ def test_the_run_uses_the_datasets_vocabulary_and_tokenizer(trained, capsys):
 
 def test_resume_on_a_prepared_dataset_is_bit_exact(trained):
     root, ds = trained
-    args = train_cli.build_parser().parse_args([*ARGS, "--data", str(ds), "--out",
-                                                str(root / "resumed"), "--sample-tokens", "0"])
-    model_cfg, tc = train_cli.configs_from_args(args)
+    model_cfg, tc = train_cli.configure([*ARGS, "--data", str(ds), "--out",
+                                         str(root / "resumed"), "--sample-tokens", "0"])
     first = loop.run(model_cfg, tc, stop_at=2, progress=False, log=lambda m: None)
     second = loop.run(model_cfg, tc, progress=False, log=lambda m: None)
     assert (first.step, second.start_step, second.step) == (2, 2, 4)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from transformer_jax import parallel
-from transformer_jax.config import ModelConfig, TrainConfig
+from transformer_jax.config import RECIPES, ModelConfig
 from transformer_jax.data import seq2seq_tasks
 from transformer_jax.data.seq2seq_tasks import EOS, Seq2SeqTask
 from transformer_jax.decoding import beam_search, greedy_decode
@@ -18,6 +18,8 @@ from transformer_jax.models.transformer import Transformer
 from transformer_jax.runs.checkpoint import Checkpointer, average_trees
 from transformer_jax.runs.metrics import read_jsonl
 from transformer_jax.train import loop, seq2seq
+
+DEFAULT_RUN = RECIPES["cpu-lm"].train  # the default run's training settings
 
 SYMBOLS = list("abcdefgh")
 
@@ -30,16 +32,18 @@ def _short_reversal(rng):
 TASK = Seq2SeqTask("reverse", SYMBOLS, _short_reversal, max_src_len=5, max_tgt_len=5)
 MODEL = ModelConfig(vocab_size=TASK.vocab_size, d_model=32, num_heads=2, num_encoder_layers=1,
                     num_decoder_layers=1, d_ff=64, dropout_rate=0.0, max_len=16)
-# The paper's recipe (§5.3, §5.4) on a tiny budget: 300 steps of 32 sentences (97% exact match).
-TC = TrainConfig(task="reverse", optimizer="adam", schedule="paper", warmup=50,
-                 label_smoothing=0.1, grad_clip=0.0, steps=300, batch_size=32)
+# The paper's recipe (§5.3, §5.4) on a tiny budget. Below about 600 steps of 32 sentences the
+# exact match after training depends on the seed (and float rounding on another CPU acts like
+# another seed); with 600 steps and warmup 100 every seed tried clears the bounds below.
+TC = DEFAULT_RUN.replace(task="reverse", optimizer="adam", schedule="paper", warmup=100,
+                 label_smoothing=0.1, grad_clip=0.0, steps=600, batch_size=32)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """300 steps of ``python train.py --task reverse`` through the loop, on the short task."""
+    """600 steps of ``python train.py --task reverse`` through the loop, on the short task."""
     out = tmp_path_factory.mktemp("reverse")
-    tc = dataclasses.replace(TC, out=str(out), eval_every=100, ckpt_every=50, log_every=50,
+    tc = TC.replace(out=str(out), eval_every=100, ckpt_every=100, log_every=50,
                              steps_per_call=50, max_to_keep=3, average_last=2, parallel="none")
     logs = []
     with pytest.MonkeyPatch.context() as mp:
@@ -52,14 +56,15 @@ def trained(tmp_path_factory):
 
 def test_tiny_encoder_decoder_learns_reversal(trained):
     result, records, logs = trained
-    assert result.step == 300 and not result.interrupted
+    assert result.step == 600 and not result.interrupted
     val = [r["val_loss"] for r in records if "val_loss" in r]
-    # From ln V = 2.4 nats at the start; label smoothing 0.1 keeps it above -ln 0.9 = 0.105.
-    # (0.18 on an AMD EPYC, 0.22 on an Intel Xeon: XLA's code, and so the rounding, differs.)
-    assert len(val) == 3 and val[0] > val[1] > val[2] and val[2] < 0.3, val
+    # From ln V = 2.4 nats at the start towards the floor that label smoothing 0.1 sets (about
+    # 0.1). Near that floor the loss under the paper's high learning rate wobbles from one
+    # evaluation to the next, so only the first and the last are compared.
+    assert len(val) == 6 and val[0] > val[-1] and val[-1] < 0.3, val
     final = records[-1]  # the test evaluation is the last metrics line
-    assert final == {"step": 300, **result.evaluation}
-    assert final["averaged_checkpoints"] == 2 and final["averaged_from_step"] == 250
+    assert final == {"step": 600, **result.evaluation}
+    assert final["averaged_checkpoints"] == 2 and final["averaged_from_step"] == 500
     assert final["num_test"] == 250 and final["beam_size"] == 4
     assert final["test_exact_match_greedy"] >= 0.9, final
     assert final["test_exact_match_beam"] >= 0.9, final
@@ -151,11 +156,9 @@ def test_workload_rejects_mismatched_settings():
 
     placement = parallel.resolve("none")
     with pytest.raises(RunConfigError, match="vocab_size"):
-        seq2seq.workload(MODEL, dataclasses.replace(TC, task="translate"), placement, log=print)
-    with pytest.raises(RunConfigError, match="max_to_keep"):
-        seq2seq.workload(dataclasses.replace(MODEL, vocab_size=23, max_len=32),
-                         dataclasses.replace(TC, average_last=5, max_to_keep=3), placement,
-                         log=print)
+        seq2seq.workload(MODEL, TC.replace(task="translate"), placement, log=print)
+    with pytest.raises(ValueError, match="max_to_keep"):  # checked when the config is made
+        TC.replace(average_last=5, max_to_keep=3)
 
 
 def _six_steps(out, mode, mesh_flag, devices, grad_accum=1):
@@ -163,7 +166,7 @@ def _six_steps(out, mode, mesh_flag, devices, grad_accum=1):
     # AdamW with ε = 1e-4, not the paper's 1e-9: with ε that small Adam turns the float32
     # rounding noise of gradients that are exactly 0 in exact arithmetic (the key bias:
     # softmax ignores a shift per row) into full-size steps that differ between paths.
-    tc = dataclasses.replace(TC, out=str(out), steps_per_call=3, log_every=3,
+    tc = TC.replace(out=str(out), steps_per_call=3, log_every=3,
                              ckpt_every=300, parallel=mode, mesh=mesh_flag,
                              optimizer="adamw", schedule="constant", lr=1e-3, warmup=1,
                              eps=1e-4, weight_decay=0.0, grad_accum=grad_accum)

@@ -13,8 +13,10 @@ import pytest
 
 from transformer_jax import data, models, parallel
 from transformer_jax import train as training
-from transformer_jax.config import PRESETS, TrainConfig
+from transformer_jax.config import PRESETS, RECIPES
 from transformer_jax.train import loop, optim, tasks
+
+DEFAULT_RUN = RECIPES["cpu-lm"].train  # the default run's training settings
 
 MODEL = dataclasses.replace(PRESETS["tiny"], vocab_size=256, dropout_rate=0.0)
 T, B = 16, 8
@@ -30,7 +32,7 @@ def setup():
     # Adam divides by sqrt(v) + ε: a parameter whose true gradient is zero (the key bias —
     # softmax is shift-invariant) gets an update of ~lr from float32 noise alone, which differs
     # between summation orders. ε = 1e-6 keeps such noise tiny; real gradients are ≫ 1e-6.
-    tc = TrainConfig(steps=100, warmup=2, lr=3e-3, eps=1e-6, batch_size=B, seq_len=T)
+    tc = DEFAULT_RUN.replace(steps=100, warmup=2, lr=3e-3, eps=1e-6, batch_size=B, seq_len=T)
     model = models.build_model("transformer", MODEL)
     tx = training.make_optimizer(tc, MODEL.d_model)
     state = training.init_state(model, tx, seed=0, seq_len=T)
@@ -68,7 +70,7 @@ def test_cross_entropy_matches_float64_reference_and_ignores_padding(eps):
 
 
 def test_paper_schedule_is_section_5_3():
-    tc = TrainConfig(schedule="paper", warmup=4000, optimizer="adam")
+    tc = DEFAULT_RUN.replace(schedule="paper", warmup=4000, optimizer="adam")
     sched = training.make_schedule(tc, 512)
     for step in (1, 100, 4000, 10000):  # the paper counts steps from 1
         expected = 512**-0.5 * min(step**-0.5, step * 4000**-1.5)
@@ -76,13 +78,13 @@ def test_paper_schedule_is_section_5_3():
 
 
 def test_cosine_and_constant_schedules():
-    tc = TrainConfig(lr=1e-3, warmup=10, steps=110, min_lr_ratio=0.1)
+    tc = DEFAULT_RUN.replace(lr=1e-3, warmup=10, steps=110, min_lr_ratio=0.1)
     sched = training.make_schedule(tc, 64)
     np.testing.assert_allclose(float(sched(0)), 1e-4, rtol=1e-5)  # first update: lr / warmup
     np.testing.assert_allclose(float(sched(9)), 1e-3, rtol=1e-5)  # peak after warmup
     np.testing.assert_allclose(float(sched(59)), 0.55e-3, rtol=1e-4)  # halfway down the cosine
     np.testing.assert_allclose(float(sched(109)), 1e-4, rtol=1e-5)  # lr · min_lr_ratio
-    const = training.make_schedule(dataclasses.replace(tc, schedule="constant"), 64)
+    const = training.make_schedule(tc.replace(schedule="constant"), 64)
     np.testing.assert_allclose([float(const(s)) for s in (0, 9, 100)], [1e-4, 1e-3, 1e-3],
                                rtol=1e-5)
 
@@ -97,7 +99,7 @@ def test_weight_decay_only_on_matrices_and_embeddings(setup):
 
 
 def test_non_finite_gradients_skip_the_update():
-    tc = TrainConfig(max_nonfinite=3, steps_per_call=1)
+    tc = DEFAULT_RUN.replace(max_nonfinite=3, steps_per_call=1)
     tx = training.make_optimizer(tc, 8)
     params = {"w": jnp.ones(3)}
     opt = tx.init(params)
@@ -160,7 +162,7 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(devices, tmp_path):
     with pytest.raises(parallel.BatchSplitError, match="2 accumulation"):
         parallel.check_batch(12, 4, grad_accum=2)
     assert parallel.check_batch(16, 4, grad_accum=2) == 2
-    tc = TrainConfig(out=str(tmp_path / "run"), batch_size=6, seq_len=T, parallel="pmap")
+    tc = DEFAULT_RUN.replace(out=str(tmp_path / "run"), batch_size=6, seq_len=T, parallel="pmap")
     with pytest.raises(parallel.BatchSplitError, match="6 cannot be split evenly over 4"):
         loop.run(MODEL, tc, devices=devices[:4])
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before doing anything
@@ -185,7 +187,7 @@ def test_parallel_modes(devices):
 
 
 def _loop_config(out):
-    return TrainConfig(out=str(out), steps=30, batch_size=4, seq_len=T, warmup=5, lr=3e-3,
+    return DEFAULT_RUN.replace(out=str(out), steps=30, batch_size=4, seq_len=T, warmup=5, lr=3e-3,
                        steps_per_call=5, log_every=10, eval_every=15, ckpt_every=10,
                        eval_batch_size=256, parallel="none", sample_tokens=0)
 

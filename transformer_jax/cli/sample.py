@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = load_run(args.run, step=args.step, kind="lm")
         text = decoding.sample_text(run.model, run.params, args.prompt,
                                     max_new_tokens=args.max_new_tokens,
-                                    context=run.train_cfg.seq_len, temperature=args.temperature,
+                                    context=run.train_cfg.data.seq_len, temperature=args.temperature,
                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                     tokenizer=run.tokenizer)
     except (CheckpointError, ValueError) as e:  # RunConfigError is a ValueError

@@ -1,12 +1,14 @@
-"""Train a byte-level Transformer language model: ``python train.py [flags]``.
+"""Train a model: ``python train.py [flags]``.
 
-With no flags: the "cpu-lm" preset on the embedded corpus (the Python reference manual that ships
-with CPython), about 4 to 5 minutes on 2 CPU cores. Flags override the preset; ``--help`` lists them.
-``--task translate`` (or reverse, sort, add) trains the encoder–decoder on a generated
-sequence-to-sequence task instead, with the paper's recipe ("cpu-seq2seq" preset and
-:data:`transformer_jax.train.seq2seq.TRAIN_DEFAULTS`; ``--task translate --help`` shows them), and
-evaluates the test split with greedy and beam search at the end.
-Re-running a command with the same ``--out`` resumes from the run's latest checkpoint.
+With no flags: the "cpu-lm" recipe, a byte-level language model on the embedded corpus (the
+Python reference manual that ships with CPython), a few minutes on 2 CPU cores. ``--recipe NAME``
+picks another named run (:data:`transformer_jax.config.RECIPES`), ``--config FILE`` reruns a
+stored run's configuration, and every other flag overrides one setting (``--help`` lists them by
+group, with the recipe's values). ``--task translate`` (or reverse, sort, add) trains the
+encoder–decoder on a sequence-to-sequence task with the paper's recipe.
+
+Re-running a command with the same ``--out`` resumes from the run's latest checkpoint; a command
+whose settings would make it another run is refused (exit 2) before anything is written.
 Exit status: 0 done (or stopped by SIGTERM with a checkpoint), 1 training diverged, 2 bad input
 (or ``--out`` in use by another run), 74 a checkpoint or ``metrics.jsonl`` could not be written
 (full disk, no permission, read-only filesystem; the last good checkpoint is intact), 130
@@ -19,215 +21,107 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import re
 import sys
-import typing
 from collections.abc import Sequence
+from pathlib import Path
 
 from transformer_jax.cli import common as cli
-from transformer_jax.config import PRESETS, ModelConfig, TrainConfig
-from transformer_jax.data.prepared import data_vocab_size, is_prepared
+from transformer_jax.cli import flags
+from transformer_jax.config import RECIPES, ModelConfig, TrainConfig
+from transformer_jax.data.prepared import data_vocab_size
 from transformer_jax.data.seq2seq_tasks import get_task
 from transformer_jax.parallel import distributed
+from transformer_jax.parallel.mesh import mesh_axes
+from transformer_jax.runs import rundir
 from transformer_jax.runs.checkpoint import CheckpointError
-from transformer_jax.train import loop, tasks
+from transformer_jax.train import loop
 
-_DEFAULTS = TrainConfig()
+NON_FIELD_FLAGS = ("--recipe", "--preset", "--config", "--accept-changes", "--no-progress",
+                   "--coordinator", "--num-processes", "--process-id", "--heartbeat-timeout",
+                   "--help")
+"""The flags that set no config field (tests check that every other flag is a field's)."""
 
-# Config field -> the flag that sets it, so that error messages name what the user typed.
-_FLAGS = {"num_decoder_layers": "--layers", "d_model": "--d-model", "num_heads": "--heads",
-          "num_kv_heads": "--heads", "d_ff": "--d-ff", "dropout_rate": "--dropout",
-          "dtype": "--dtype", "seq_len": "--seq-len", "batch_size": "--batch-size",
-          "grad_accum": "--grad-accum", "steps": "--steps", "lr": "--lr", "warmup": "--warmup",
-          "weight_decay": "--weight-decay", "grad_clip": "--grad-clip",
-          "label_smoothing": "--label-smoothing", "seed": "--seed", "log_every": "--log-every",
-          "eval_every": "--eval-every", "ckpt_every": "--ckpt-every",
-          "steps_per_call": "--steps-per-call", "sample_tokens": "--sample-tokens",
-          "average_last": "--average-last", "max_nonfinite": "--max-nonfinite",
-          "norm_type": "--norm-type", "qk_norm": "--qk-norm", "use_bias": "--bias",
-          "share_embeddings": "--tie-embeddings", "attention_impl": "--attention-impl",
-          "scan_layers": "--scan-layers", "z_loss": "--z-loss"}
-
-# (option given, condition on the other flags, why it has no effect): refused, not ignored.
+# (field given, condition on the configs, why it has no effect): refused, not ignored.
 _CONFLICTS = (
-    ("lr", lambda a: a.schedule == "paper",
+    ("lr", lambda tc: tc.schedule.schedule == "paper",
      ("--lr has no effect with --schedule paper (its rate is d_model^-0.5 · min(step^-0.5, "
       "step · warmup^-1.5), §5.3); drop --lr or use --schedule cosine or constant")),
-    ("weight_decay", lambda a: a.optimizer == "adam",
+    ("weight_decay", lambda tc: tc.optim.optimizer == "adam",
      ("--weight-decay has no effect with --optimizer adam (the paper's Adam has none); drop "
       "it or use --optimizer adamw")),
-    ("prompt", lambda a: a.sample_tokens == 0,
+    ("sample_prompt", lambda tc: tc.eval.sample_tokens == 0,
      "--prompt has no effect with --sample-tokens 0; drop one of them"),
 )
 
-
-def _flagify(message: str) -> str:
-    """Replace config field names in an error message by the flags that set them."""
-    return re.sub(r"\b(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")\b",
-                  lambda m: _FLAGS[m.group(1)], message)
+# Model fields a run's default name records when given, and how (remat, attention_impl and
+# dense_backward change no parameter: the same run).
+_NAME_TAGS = {"num_decoder_layers": "L", "num_encoder_layers": "E", "d_model": "D",
+              "num_heads": "N", "num_kv_heads": "K", "d_ff": "F", "dropout_rate": "drop",
+              "max_len": "len", "dtype": "", "param_dtype": "param-", "norm": "",
+              "norm_type": "", "positions": "", "activation": "", "qk_norm": "qknorm",
+              "use_bias": "bias", "share_embeddings": "tied", "scan_layers": "scan",
+              "layer_norm_eps": "eps"}
 
 
 class _HelpFormatter(argparse.HelpFormatter):
-    """Appends "(default: X)" to flags that have a default and do not mention one."""
+    """Wider help, so that the generated flags' descriptions stay readable."""
 
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" not in text and action.default not in (None, False, argparse.SUPPRESS):
-            text += " (default: %(default)s)"
-        return text
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=32)
 
 
-def _choices(name: str) -> tuple[str, ...]:
-    hints = typing.get_type_hints(TrainConfig)
-    return typing.get_args(hints[name])
-
-
-_TASKS = ("lm", "translate", "reverse", "sort", "add")
-
-
-def _task_of(argv: Sequence[str] | None) -> str:
-    """The --task value (its defaults decide the other flags' defaults), "lm" if absent/bad."""
+def _base(argv: Sequence[str] | None) -> tuple[str | None, ModelConfig, TrainConfig]:
+    """(recipe name, model, training) that the flags of ``argv`` start from (for ``--help``'s
+    defaults: a bad value here is reported by the full parse)."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--task", default="lm")
-    task = pre.parse_known_args(argv)[0].task
-    return task if task in _TASKS else "lm"
+    pre.add_argument("--recipe", "--preset")
+    pre.add_argument("--task")
+    pre.add_argument("--config")
+    known = pre.parse_known_args(argv)[0]
+    if known.config:
+        try:
+            model_cfg, train_cfg = rundir.read_configs(_config_dir(known.config))
+            return None, model_cfg, train_cfg
+        except ValueError:
+            pass
+    name = known.recipe if known.recipe in RECIPES else (
+        "cpu-lm" if known.task in (None, "lm") else "translate")
+    return name, RECIPES[name].model, RECIPES[name].train
 
 
-def build_parser(task: str = "lm") -> argparse.ArgumentParser:
-    """The argument parser; every flag documents its default (those of ``task``)."""
-    d = tasks.defaults(task)
+def _config_dir(path: str) -> Path:
+    """The run directory of ``--config`` (a ``config.json`` or the directory holding it)."""
+    p = Path(path)
+    return p.parent if p.name == rundir.CONFIG or p.suffix == ".json" else p
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser; ``--help`` shows the values of the recipe ``argv`` selects."""
+    recipe, model_cfg, train_cfg = _base(argv)
     p = cli.ArgumentParser(
         prog="train.py",
-        description="Train a byte-level Transformer LM (Vaswani et al., 2017) with JAX/Flax. "
-                    "Flags override the preset. Outputs go to --out: config.json, metrics.jsonl, "
-                    "tensorboard/, checkpoints/, samples.txt, loss.png. Re-running with the same "
-                    "--out resumes from the latest checkpoint.",
+        description="Train a Transformer (Vaswani et al., 2017) or an RNN baseline with "
+                    "JAX/Flax. Flags override the recipe. Outputs go to --out: config.json, "
+                    "metrics.jsonl, tensorboard/, checkpoints/, samples.txt, loss.png. "
+                    "Re-running with the same --out resumes from the latest checkpoint.",
         formatter_class=_HelpFormatter)
-    _model_flags(p.add_argument_group("model"), d, task)
-    _architecture_flags(p.add_argument_group(
-        "architecture and scale (default: the preset's; cpu-lm, cpu-modern and modern-lm set "
-        "the modern options)"))
-    _data_flags(p.add_argument_group("data"), d)
-    _optimization_flags(p.add_argument_group("optimization"), d)
-    _run_flags(p.add_argument_group("run"), d)
+    g = p.add_argument_group("recipe")
+    g.add_argument("--recipe", "--preset", choices=list(RECIPES), default=None, metavar="NAME",
+                   help="a named run, model and training together: "
+                        + "; ".join(f"{k}: {r.about}" for k, r in RECIPES.items())
+                        + f" (default: cpu-lm, or translate for a sequence task; here: "
+                          f"{recipe or 'from --config'})")
+    g.add_argument("--config", metavar="FILE",
+                   help="start from a stored run's configuration (its config.json, or its run "
+                        "directory): with a new --out it reruns that run exactly")
+    g.add_argument("--accept-changes", action="store_true",
+                   help="resume the run in --out even though these settings differ from its "
+                        "own in more than the steps, intervals and placement (docs/training.md)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    names = flags.add_config_flags(p, model_cfg, train_cfg)
+    p.set_defaults(_flag_names=names)
     _host_flags(p.add_argument_group("multi-host (every host runs the same command)"))
     return p
-
-
-def _model_flags(g, d: TrainConfig, task: str) -> None:
-    """--task, --preset and the model's shape."""
-    g.add_argument("--task", choices=_TASKS, default="lm",
-                   help="lm: byte-level language model on --data; translate, reverse, sort, "
-                        "add: the encoder-decoder on a generated seq2seq task (the paper's "
-                        "recipe; defaults change, see --task translate --help)")
-    g.add_argument("--preset", choices=sorted(PRESETS),
-                   default="cpu-lm" if task == "lm" else "cpu-seq2seq",
-                   help="model preset (vocab: 256 bytes for lm, else the task's)")
-    g.add_argument("--model", choices=_choices("model"), default=d.model, help="model family")
-    g.add_argument("--layers", type=int,
-                   help="decoder layers L, and encoder layers for seq2seq tasks (default: the "
-                        "preset's)")
-    g.add_argument("--d-model", type=int, metavar="D", help="model width (default: the preset's)")
-    g.add_argument("--heads", type=int, metavar="N",
-                   help="attention heads (default: the preset's)")
-    g.add_argument("--d-ff", type=int, metavar="F",
-                   help="feed-forward width (default: the preset's)")
-    g.add_argument("--dropout", type=float, help="dropout rate, §5.4 (default: the preset's)")
-    g.add_argument("--dtype", choices=("float32", "bfloat16"),
-                   help="compute dtype; parameters stay float32 (default: the preset's)")
-
-
-def _architecture_flags(g) -> None:
-    """The layers' options (the paper's defaults vs the modern LM's) and memory/compile time."""
-    model = typing.get_type_hints(ModelConfig)
-    for flag, field, text in (
-            ("--norm", "norm", "post: LayerNorm(x + f(x)) as in §3.1; pre: x + f(LayerNorm(x))"),
-            ("--norm-type", "norm_type", "layernorm (§3.1) or rmsnorm (Zhang & Sennrich 2019)"),
-            ("--positions", "positions", "sinusoidal (§3.5), learned, or rope (rotary, Su et "
-                                         "al. 2021)"),
-            ("--activation", "activation", "feed-forward: relu (§3.3), gelu, or swiglu "
-                                           "(Shazeer 2020)"),
-            ("--attention-impl", "attention_impl", "the attention kernel's implementation"),
-            ("--remat", "remat", "rematerialise each block in the backward pass: block keeps "
-                                 "only its input, dots also the weight matmuls' outputs")):
-        g.add_argument(flag, choices=typing.get_args(model[field]), help=text)
-    g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction,
-                   help="RMS-normalise queries and keys per head (Dehghani et al. 2023)")
-    g.add_argument("--bias", action=argparse.BooleanOptionalAction,
-                   help="biases in projections and LayerNorms (the paper's; off in modern LMs)")
-    g.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction,
-                   help="output projection tied to the input embedding (§3.4)")
-    g.add_argument("--scan-layers", action=argparse.BooleanOptionalAction,
-                   help="run each stack of blocks as one nn.scan: compile time independent of "
-                        "depth; parameters get a leading layer axis (checkpoints of the other "
-                        "layout are refused)")
-
-
-def _data_flags(g, d: TrainConfig) -> None:
-    """--data and the batch shape."""
-    g.add_argument("--data", nargs="+", metavar="PATH", default=None,
-                   help="text files or folders (default: the embedded pydoc_data corpus; the "
-                        "last 10%% of each file's bytes is the validation split), or one "
-                        "dataset folder written by python -m transformer_jax.prepare (its "
-                        "tokenizer sets the vocabulary)")
-    g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence T")
-    g.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="global batch (sequences per optimizer step, all devices together)")
-
-
-def _optimization_flags(g, d: TrainConfig) -> None:
-    """The optimizer, schedule and step."""
-    g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
-    g.add_argument("--optimizer", choices=_choices("optimizer"), default=d.optimizer,
-                   help="adamw, or adam: the paper's Adam (β1 0.9, β2 0.98, ε 1e-9; §5.3)")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (not for paper)")
-    g.add_argument("--schedule", choices=_choices("schedule"), default=d.schedule,
-                   help="cosine: warmup then cosine decay to lr/10; constant: warmup then lr; "
-                        "paper: d_model^-0.5·min(step^-0.5, step·warmup^-1.5) (§5.3)")
-    g.add_argument("--warmup", type=int, default=d.warmup, help="warmup steps")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="AdamW weight decay (matrices and embeddings)")
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip,
-                   help="clip gradients to this global norm (0: off)")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum,
-                   help="gradient-accumulation micro-batches per step")
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
-                   help="label smoothing of the training loss (§5.4 uses 0.1)")
-    g.add_argument("--z-loss", type=float, default=d.z_loss, metavar="C",
-                   help="add C·log(Z)² per target to the training loss (PaLM uses 1e-4)")
-    g.add_argument("--max-nonfinite", type=int, default=d.max_nonfinite, metavar="N",
-                   help="stop after N consecutive steps with a non-finite loss or gradients "
-                        "(each is skipped; exit status 1)")
-
-
-def _run_flags(g, d: TrainConfig) -> None:
-    """Seed, run directory, intervals, placement and the end-of-run sample."""
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of params, dropout and data")
-    g.add_argument("--out", metavar="DIR", default=None,
-                   help="run directory (default: runs/<preset>[-<model overrides>])")
-    g.add_argument("--log-every", type=int, default=d.log_every, help="steps between log lines")
-    g.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help="steps between validation passes")
-    g.add_argument("--ckpt-every", type=int, default=d.ckpt_every,
-                   help="steps between checkpoints")
-    g.add_argument("--steps-per-call", type=int, default=d.steps_per_call,
-                   help="optimizer steps per compiled call (lax.scan; same results)")
-    g.add_argument("--parallel", choices=_choices("parallel"), default=d.parallel,
-                   help="auto: pmap over all local devices if more than one, else jit "
-                        "(sharded with --mesh or several processes); pmap; sharded: jit on a "
-                        "device mesh with sharded parameters and optimizer state; shard_map: "
-                        "data-parallel shard_map step on the mesh; none: jit on one device")
-    g.add_argument("--mesh", default=d.mesh, metavar="AXIS=N,...",
-                   help="mesh axis sizes for sharded/shard_map, e.g. data=2,fsdp=2,tensor=1 "
-                        "(their product must be the device count; -1 takes the rest; "
-                        "default: data over all devices)")
-    g.add_argument("--sample-tokens", type=int, default=d.sample_tokens,
-                   help="bytes to generate at the end (0: none)")
-    g.add_argument("--prompt", default=d.sample_prompt, help="prompt of the final sample")
-    g.add_argument("--average-last", type=int, default=d.average_last, metavar="N",
-                   help="seq2seq tasks: evaluate with the mean parameters of the last N "
-                        "checkpoints (§6.1 averages 5)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _host_flags(g) -> None:
@@ -239,56 +133,78 @@ def _host_flags(g) -> None:
                    help="number of processes (with --coordinator HOST:PORT)")
     g.add_argument("--process-id", type=int, metavar="I",
                    help="this process's index in [0, P) (with --coordinator HOST:PORT)")
+    g.add_argument("--heartbeat-timeout", type=int, metavar="SECONDS",
+                   help="a process that sends no heartbeat for this long counts as lost: the "
+                        "others exit with status 75 and one line saying how to resume "
+                        f"(default: jax's, {distributed.DEFAULT_HEARTBEAT_TIMEOUT_S})")
 
 
-def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
-    """Preset + flag overrides -> (ModelConfig, TrainConfig). Raises ValueError on bad values."""
-    base = PRESETS[args.preset]
-    overrides = {"num_decoder_layers": args.layers, "d_model": args.d_model,
-                 "num_heads": args.heads, "d_ff": args.d_ff, "dropout_rate": args.dropout,
-                 "dtype": args.dtype, "norm": args.norm, "norm_type": args.norm_type,
-                 "positions": args.positions, "activation": args.activation,
-                 "qk_norm": args.qk_norm, "use_bias": args.bias,
-                 "share_embeddings": args.tie_embeddings, "attention_impl": args.attention_impl,
-                 "remat": args.remat, "scan_layers": args.scan_layers}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if "num_heads" in overrides:  # keep the preset's multi-head (not grouped) attention
-        overrides["num_kv_heads"] = overrides["num_heads"]
-    if args.task == "lm":
-        model_cfg = dataclasses.replace(
-            base, vocab_size=data_vocab_size(args.data or ()),
-            max_len=max(base.max_len, args.seq_len), **overrides)
-        name = args.preset
+def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    """The recipe (or ``--config``) with the flags given applied. Raises ValueError."""
+    model_over, train_over = flags.model_overrides(args), flags.train_overrides(args)
+    if args.config:
+        model_base, train_base = rundir.read_configs(_config_dir(args.config))
+        name = None
     else:
-        if "num_decoder_layers" in overrides:  # --layers sets both stacks (6 and 6 in §3.1)
-            overrides["num_encoder_layers"] = overrides["num_decoder_layers"]
-        model_cfg = dataclasses.replace(base, vocab_size=get_task(args.task).vocab_size,
-                                        **overrides)
-        name = args.task if args.preset == "cpu-seq2seq" else f"{args.task}-{args.preset}"
-    short = {"num_decoder_layers": "L", "d_model": "D", "num_heads": "N", "d_ff": "F",
-             "dropout_rate": "drop", "dtype": "", "norm": "", "norm_type": "", "positions": "",
-             "activation": "", "qk_norm": "qknorm", "use_bias": "bias",
-             "share_embeddings": "tied", "scan_layers": "scan"}
-    for key, tag in short.items():  # remat and attention_impl change no parameter: same run
-        if key in overrides:
-            value = overrides[key]
+        task = train_over.get("task", "lm")
+        name = args.recipe or ("cpu-lm" if task == "lm" else "translate")
+        model_base, train_base = RECIPES[name].model, RECIPES[name].train
+    tc = train_base.replace(**{k: v for k, v in train_over.items() if k != "out"})
+    if "num_heads" in model_over and "num_kv_heads" not in model_over:
+        model_over["num_kv_heads"] = model_over["num_heads"]  # multi-head, not grouped
+    if tc.task == "lm":
+        model_over.setdefault("max_len", max(model_base.max_len, tc.data.seq_len))
+        vocab = data_vocab_size(tc.data.data)
+    else:
+        if "num_decoder_layers" in model_over:  # --layers sets both stacks (6 and 6 in §3.1)
+            model_over.setdefault("num_encoder_layers", model_over["num_decoder_layers"])
+        vocab = get_task(tc.task).vocab_size
+    model_cfg = dataclasses.replace(model_base, vocab_size=vocab, **model_over)
+    if "average_last" in train_over and "max_to_keep" not in train_over:
+        tc = tc.replace(max_to_keep=max(tc.loop.max_to_keep, tc.eval.average_last))
+    out = train_over.get("out") or (tc.out if name is None else
+                                    _run_name(name, tc, flags.given(args, "model")))
+    tc = tc.replace(out=out)
+    if tc.model == "transformer":
+        model_cfg.check_attention()
+    if tc.loop.mesh:
+        mesh_axes(tc.loop.mesh)  # the syntax; the sizes are checked against the devices later
+    for field, applies, message in _CONFLICTS:
+        if field in train_over and applies(tc):
+            raise ValueError(message)
+    return model_cfg, tc
+
+
+def _run_name(recipe: str, tc: TrainConfig, model_given: dict) -> str:
+    """``runs/<recipe or task>[-<dataset>][-<model flags>][-<family>]``: runs of different
+    models or data get different directories by default."""
+    name = recipe
+    if tc.task != RECIPES[recipe].train.task:
+        name = tc.task if recipe == "translate" else f"{tc.task}-{recipe}"
+    if tc.data.data:
+        stems = [Path(p.rstrip("/")).stem or "data" for p in tc.data.data]
+        name += "-" + "+".join(stems[:2]) + (f"+{len(stems) - 2}" if len(stems) > 2 else "")
+    for key, tag in _NAME_TAGS.items():
+        if key in model_given:
+            value = model_given[key]
             name += (f"-{tag}{value}" if not isinstance(value, bool) else
                      f"-{tag}" if value else f"-no{tag}")
-    if args.model != "transformer":
-        name += f"-{args.model}"
-    train_cfg = TrainConfig(
-        model=args.model, data=tuple(args.data or ()), out=args.out or f"runs/{name}",
-        seed=args.seed, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-        grad_accum=args.grad_accum, optimizer=args.optimizer, lr=args.lr,
-        schedule=args.schedule, warmup=args.warmup, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, label_smoothing=args.label_smoothing,
-        log_every=args.log_every, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
-        steps_per_call=args.steps_per_call, parallel=args.parallel, mesh=args.mesh,
-        sample_tokens=args.sample_tokens, sample_prompt=args.prompt, task=args.task,
-        average_last=args.average_last,
-        max_to_keep=max(_DEFAULTS.max_to_keep, args.average_last),
-        max_nonfinite=args.max_nonfinite, z_loss=args.z_loss)
-    return model_cfg, train_cfg
+    if tc.model != "transformer":
+        name += f"-{tc.model}"
+    return f"runs/{name}"
+
+
+def _parse(argv: Sequence[str] | None):
+    """(parser, args, model config, training config) of a command line; exits 2 on bad input."""
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    try:
+        model_cfg, train_cfg = _configs(args)
+        distributed.check_flags(args.coordinator, args.num_processes, args.process_id,
+                                args.heartbeat_timeout)
+    except ValueError as e:
+        parser.error(flags.flagify(str(e), args._flag_names, argv or sys.argv[1:]))
+    return parser, args, model_cfg, train_cfg
 
 
 def configure(argv: Sequence[str] | None = None) -> tuple[ModelConfig, TrainConfig]:
@@ -297,42 +213,26 @@ def configure(argv: Sequence[str] | None = None) -> tuple[ModelConfig, TrainConf
     Parses ``argv`` and checks the flags as :func:`main` does; a bad command exits as
     ``main`` would (``SystemExit`` with status 2 and one line naming the problem).
     """
-    parser = build_parser(_task_of(argv))
-    args = parser.parse_args(argv)
-    given = cli.explicit_options(build_parser, argv)
-    for option, applies, message in _CONFLICTS:
-        if option in given and applies(args):
-            parser.error(message)
-    try:
-        model_cfg, train_cfg = configs_from_args(args)
-        distributed.check_flags(args.coordinator, args.num_processes, args.process_id)
-    except ValueError as e:
-        parser.error(_flagify(str(e)))
-    return model_cfg, train_cfg
+    return _parse(argv)[2:]
 
 
 @cli.exits_on_ctrl_c("train.py", at_once="stopped at once by Ctrl-C, without saving; the "
                      "checkpoints saved before are intact: run the same command to resume")
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, train, print where everything went; returns the exit status."""
-    parser = build_parser(_task_of(argv))
-    args = parser.parse_args(argv)
-    given = cli.explicit_options(build_parser, argv)
-    for option, applies, message in _CONFLICTS:
-        if option in given and applies(args):
-            parser.error(message)
-    try:
-        model_cfg, train_cfg = configs_from_args(args)
-        distributed.check_flags(args.coordinator, args.num_processes, args.process_id)
-    except ValueError as e:
-        parser.error(_flagify(str(e)))
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-
+    parser, args, model_cfg, train_cfg = _parse(argv)
+    # A lost peer ends this process in JAX's C++ runtime: a parent process turns that into one
+    # line and exit status 75 (distributed.supervise).
+    distributed.supervise(args.coordinator, args.num_processes,
+                          f"{train_cfg.out}/checkpoints", args.heartbeat_timeout)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                           args.heartbeat_timeout)
     try:
         result = loop.run(model_cfg, train_cfg, progress=False if args.no_progress else None,
-                          log=None)
+                          log=None, accept_changes=args.accept_changes)
     except (ValueError, CheckpointError) as e:  # RunConfigError, DataError, BatchSplitError, ...
-        parser.exit(2, f"{parser.prog}: error: {_flagify(str(e))}\n")
+        message = flags.flagify(str(e), args._flag_names, argv or sys.argv[1:])
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
     except loop.NonFiniteError as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 1
@@ -350,19 +250,15 @@ def _report(r: loop.RunResult, train_cfg: TrainConfig) -> None:
     minutes, seconds = divmod(r.wall_s, 60)
     speed = (f"{r.tokens_per_s:,.0f} tokens/s (median), MFU {100 * r.mfu:.1f}%"
              if math.isfinite(r.tokens_per_s) else "too few steps after compilation to time")
-    unit = "byte" if train_cfg.task == "lm" else "token"
-    per = unit  # val_bpb is bits per byte of text for any language model
-    if train_cfg.task == "lm" and len(train_cfg.data) == 1 and is_prepared(train_cfg.data[0]):
-        unit = "token"
-    print(f"step {r.step}: val_loss {r.val_loss:.4f} nats/{unit} ({r.val_bpb:.3f} bits/{per}); "
-          f"{speed}; wall {int(minutes)}m{seconds:04.1f}s")
+    print(f"step {r.step}: val_loss {r.val_loss:.4f} nats/{r.unit} ({r.val_bpb:.3f} "
+          f"bits/{r.bits_per}); {speed}; wall {int(minutes)}m{seconds:04.1f}s")
     if r.evaluation:
         e = r.evaluation
         print(f"test exact match: greedy {e['test_exact_match_greedy']:.4f}, beam "
               f"{e['test_exact_match_beam']:.4f}; BLEU: greedy {e['test_bleu_greedy']:.2f}, "
               f"beam {e['test_bleu_beam']:.2f}")
     if r.sample:
-        print(f"sample (prompt {train_cfg.sample_prompt!r}):\n{r.sample}\n")
+        print(f"sample (prompt {train_cfg.eval.sample_prompt!r}):\n{r.sample}\n")
     written = [name for name in ("config.json", "metrics.jsonl", "tensorboard/", "checkpoints/",
                                  "samples.txt", "loss.png") if (r.out / name).exists()]
     print(f"wrote {r.out.resolve()}/: {', '.join(written)}")

@@ -85,7 +85,7 @@ def dense(cfg: ModelConfig, features, name: str, axis=-1) -> nn.DenseGeneral:
     ``cfg.dense_backward`` is "jax"."""
     contract = dot_general if cfg.dense_backward == "matmul" else jax.lax.dot_general
     return nn.DenseGeneral(features, axis=axis, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-                           param_dtype=cfg.params_dtype, dot_general=contract, name=name)
+                           param_dtype=cfg.storage_dtype, dot_general=contract, name=name)
 
 
 def norm_layer(cfg: ModelConfig, name: str) -> nn.Module:
@@ -94,9 +94,9 @@ def norm_layer(cfg: ModelConfig, name: str) -> nn.Module:
     ``cfg.norm`` says where it goes: before its sublayer (pre) or after the residual (post)."""
     if cfg.norm_type == "rmsnorm":
         return nn.RMSNorm(epsilon=cfg.layer_norm_eps, dtype=jnp.float32,
-                          param_dtype=cfg.params_dtype, name=name)
+                          param_dtype=cfg.storage_dtype, name=name)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=jnp.float32, use_bias=cfg.use_bias,
-                        param_dtype=cfg.params_dtype, name=name)
+                        param_dtype=cfg.storage_dtype, name=name)
 
 
 def _unstack(x):
@@ -130,7 +130,7 @@ class PositionalEncoding(nn.Module):
         if cfg.positions == "learned":
             # Scale comparable to the sinusoids (RMS 1/√2) next to unit-variance embeddings.
             table = self.param("pos_embed", nn.initializers.normal(0.5),
-                               (cfg.max_len, cfg.d_model), cfg.params_dtype)
+                               (cfg.max_len, cfg.d_model), cfg.storage_dtype)
         else:
             table = jnp.asarray(sinusoidal_positions(cfg.max_len, cfg.d_model))
         if decode:
@@ -172,7 +172,7 @@ class MultiHeadAttention(nn.Module):
             k, v = (None, None) if kv is None else _unstack(kv)
         if cfg.qk_norm:  # RMS-normalised queries and keys bound the logits (Dehghani et al.)
             qk_norm = functools.partial(nn.RMSNorm, epsilon=cfg.layer_norm_eps,
-                                        param_dtype=cfg.params_dtype)
+                                        param_dtype=cfg.storage_dtype)
             q = qk_norm(dtype=q.dtype, name="q_norm")(q)
             if k is not None:
                 k = qk_norm(dtype=k.dtype, name="k_norm")(k)

@@ -45,7 +45,7 @@ class RNNLM(nn.Module):
 
     def _cell(self, i: int):
         cfg = self.cfg
-        kw = dict(features=cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+        kw = dict(features=cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
                   name=f"cell_{i}")
         if self.cell_type == "lstm":
             return nn.OptimizedLSTMCell(**kw)
@@ -69,7 +69,7 @@ class RNNLM(nn.Module):
         """
         cfg = self.cfg
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
-                         param_dtype=cfg.params_dtype,
+                         param_dtype=cfg.storage_dtype,
                          embedding_init=nn.initializers.normal(stddev=cfg.d_model**-0.5),
                          name="embed")
         x = embed(tokens)  # [B, T, D]
@@ -84,7 +84,7 @@ class RNNLM(nn.Module):
             logits = embed.attend(x)
         else:
             logits = nn.Dense(cfg.vocab_size, dtype=cfg.compute_dtype,
-                              param_dtype=cfg.params_dtype, name="logits")(x)
+                              param_dtype=cfg.storage_dtype, name="logits")(x)
         logits = logits.astype(jnp.float32)
         return (logits, tuple(carries)) if return_carry else logits
 

@@ -81,7 +81,7 @@ def _embed_init(cfg: ModelConfig):
 
 def _embed_module(cfg: ModelConfig, name: str) -> nn.Embed:
     return nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
-                    param_dtype=cfg.params_dtype, embedding_init=_embed_init(cfg), name=name)
+                    param_dtype=cfg.storage_dtype, embedding_init=_embed_init(cfg), name=name)
 
 
 class Transformer(nn.Module):
@@ -92,6 +92,10 @@ class Transformer(nn.Module):
     """
 
     cfg: ModelConfig
+
+    def __post_init__(self):
+        self.cfg.check_attention()  # the head shapes only attention needs (RNNs skip them)
+        super().__post_init__()
 
     def setup(self):
         cfg = self.cfg
@@ -214,6 +218,10 @@ class TransformerLM(nn.Module):
     """
 
     cfg: ModelConfig
+
+    def __post_init__(self):
+        self.cfg.check_attention()  # the head shapes only attention needs (RNNs skip them)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, tokens, *, deterministic: bool = True, decode: bool = False):

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from transformer_jax.config import AXES, DATA, FSDP, TENSOR, mesh_axes
+from transformer_jax.parallel.mesh import AXES, DATA, FSDP, TENSOR, mesh_axes
 
 __all__ = [
     "AXES",

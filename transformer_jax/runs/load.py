@@ -17,12 +17,13 @@ from typing import Any, Literal
 import jax
 
 from transformer_jax import models
-from transformer_jax.config import ModelConfig, TrainConfig, model_identity
+from transformer_jax.config import ModelConfig, TrainConfig
 from transformer_jax.data import ByteTokenizer
 from transformer_jax.data.bpe import load_tokenizer
 from transformer_jax.data.seq2seq_tasks import Seq2SeqTask, get_task
 from transformer_jax.runs import rundir
 from transformer_jax.runs.checkpoint import Checkpointer, CheckpointError, average_trees
+from transformer_jax.runs.identity import checkpoint_expectation
 
 __all__ = ["LoadedRun", "load_run"]
 
@@ -83,8 +84,7 @@ def load_run(run_dir: str | os.PathLike, *, step: int | None = None, average_las
         model, task = models.build_model(tc.model, model_cfg), None
     else:
         model, task = models.Transformer(model_cfg), get_task(tc.task)
-    expect = {"model": model_identity(model_cfg.to_dict())}
-    normalize = {"model": model_identity}  # runs saved before a field existed still load
+    expect = checkpoint_expectation(model_cfg)
     with Checkpointer(run_dir / "checkpoints") as ckpt:
         saved = ckpt.all_steps()
         if not saved:
@@ -95,12 +95,11 @@ def load_run(run_dir: str | os.PathLike, *, step: int | None = None, average_las
                                   f"(saved steps: {', '.join(map(str, saved))})")
         if average_last > 1:
             steps = saved[-average_last:]
-            trees = [ckpt.restore(step=s, expect=expect, normalize=normalize).state["params"]
+            trees = [ckpt.restore(step=s, **expect).state["params"]
                      for s in steps]
             params = average_trees(trees)
         else:  # reading a run does not rearrange it: no setting aside of damaged steps
-            restored = ckpt.restore(step=step, expect=expect, normalize=normalize,
-                                    set_aside=False)
+            restored = ckpt.restore(step=step, set_aside=False, **expect)
             params, steps = restored.state["params"], [restored.step]
     return LoadedRun(run_dir=run_dir, model=model, params=jax.device_put(params),
                      steps=steps, model_cfg=model_cfg, train_cfg=tc, task=task,

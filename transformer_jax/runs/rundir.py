@@ -6,7 +6,10 @@ costs nothing:
 
 * :func:`prepare` refuses, before anything is written, a path that cannot be a directory, a
   directory that cannot be written, a non-empty directory that is not a run directory (no
-  ``config.json``: someone else's files), and a run directory that holds a different model.
+  ``config.json``: someone else's files), a run directory that holds a different model, and
+  one whose run was trained with other settings
+  (:func:`~transformer_jax.runs.identity.resume_differences`). An existing run's
+  ``config.json`` is rewritten only by a run that goes on training it (:func:`update_config`).
 * :func:`write_config` replaces ``config.json`` atomically (a temporary file, then
   ``os.replace``): a kill mid-write leaves the old file or the new one, never half of one.
 * :func:`read_config` turns a missing, truncated or foreign ``config.json`` into one
@@ -26,10 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from transformer_jax.config import ModelConfig, TrainConfig, model_identity
+from transformer_jax.config import ModelConfig, TrainConfig
+from transformer_jax.runs.identity import model_identity, resume_differences
 
 __all__ = ["OutputError", "RunConfigError", "make_dir", "prepare", "read_config", "read_configs",
-           "why_not_written", "write_config", "write_text_atomic"]
+           "update_config", "why_not_written", "write_config", "write_text_atomic"]
 
 CONFIG = "config.json"
 
@@ -170,28 +174,34 @@ def _model_mismatch(out: Path, old: dict[str, Any], model_cfg: ModelConfig,
                 "--out, or the same --model to resume it")
     diff = sorted(k for k in new.keys() | saved.keys() if saved.get(k) != new.get(k))
     old_len = saved.get("max_len")
-    if diff == ["max_len"] and isinstance(old_len, int) and tc.seq_len > old_len:
+    if diff == ["max_len"] and isinstance(old_len, int) and tc.data.seq_len > old_len:
         # train.py raises max_len to --seq-len; the resumed model's positions stop at old_len.
-        return (f"--seq-len {tc.seq_len} exceeds max_len {old_len} of the model in {out}; "
+        return (f"--seq-len {tc.data.seq_len} exceeds max_len {old_len} of the model in {out}; "
                 f"resume it with --seq-len <= {old_len}, or use another --out")
     return (f"{out} holds a run of a different model (differs in: {', '.join(diff)}); use "
             "another --out, or the same model flags to resume it")
 
 
-def prepare(out: Path, model_cfg: ModelConfig, tc: TrainConfig,
-            log: Callable[[str], None]) -> None:
-    """Create or claim the run directory ``out`` and write its ``config.json``.
+def prepare(out: Path, model_cfg: ModelConfig, tc: TrainConfig, log: Callable[[str], None],
+            *, accept_changes: bool = False) -> bool:
+    """Create or claim the run directory ``out``; write ``config.json`` of a new run.
 
     Args:
       out: the run directory.
       model_cfg: the model to train.
       tc: the training settings.
-      log: where a note about changed training settings goes.
+      log: where a note about changed settings goes.
+      accept_changes: resume a run whose training settings differ in more than the free ones
+        (``train.py --accept-changes``); a different model is refused even then.
+
+    Returns:
+      Whether ``out`` holds a run whose recorded settings differ from these: then
+      :func:`update_config` should record them once the run trains again.
 
     Raises:
       RunConfigError: ``out`` is a file or cannot be created or written; it is a non-empty
-        directory without ``config.json``; or it holds a run of another model. Nothing in
-        ``out`` has been changed then.
+        directory without ``config.json``; it holds a run of another model, or one trained
+        with other settings. Nothing in ``out`` has been changed then.
     """
     make_dir(out)
     if (out / CONFIG).exists():
@@ -199,13 +209,32 @@ def prepare(out: Path, model_cfg: ModelConfig, tc: TrainConfig,
         mismatch = _model_mismatch(out, old, model_cfg, tc)
         if mismatch:
             raise RunConfigError(mismatch)
-        changed = sorted(k for k, v in tc.to_dict().items() if old["train"].get(k) != v)
-        if changed:
-            log(f"note: training settings differ from the previous run in {out}: "
-                f"{', '.join(changed)}")
-    elif any(not p.name.startswith(".") for p in out.iterdir()):
+        _, old_tc = read_configs(out)
+        fixed, free = resume_differences(old_tc, tc)
+        new_model = model_cfg.to_dict()  # what differs now is how it computes (COMPUTE_ONLY)
+        free += [f"{k}: {old['model'].get(k)!r} -> {v!r}" for k, v in new_model.items()
+                 if old["model"].get(k, v) != v]
+        if fixed and not accept_changes:
+            raise RunConfigError(
+                f"{out} holds a run trained with other settings ({'; '.join(fixed)}); use a new "
+                "--out for a new run, or add --accept-changes to go on training that run with "
+                "these settings")
+        if fixed or free:
+            log(f"note: settings differ from the run in {out}: {'; '.join(fixed + free)}")
+        return bool(fixed or free) or old["model"] != new_model
+    if any(not p.name.startswith(".") for p in out.iterdir()):
         raise RunConfigError(f"--out {out} is not empty and holds no {CONFIG}, so it is not a "
                              "run directory; use a new or empty directory")
+    update_config(out, model_cfg, tc)
+    return False
+
+
+def update_config(out: Path, model_cfg: ModelConfig, tc: TrainConfig) -> None:
+    """(Re)write ``out/config.json`` atomically.
+
+    Raises:
+      RunConfigError: it cannot be written (why, and what to do).
+    """
     try:
         write_config(out, model_cfg, tc)
     except OSError as e:

@@ -27,7 +27,6 @@ from transformer_jax.train.workload import (
     StepFunctions,
     Workload,
     compile_steps,
-    step_config,
     validation_loss,
 )
 
@@ -56,12 +55,12 @@ def _check(model_cfg: ModelConfig, tc: TrainConfig, placement: Placement, data: 
         raise RunConfigError(f"the data ({data.name}) has a vocabulary of {vocab} tokens, the "
                              f"model's vocab_size is {model_cfg.vocab_size}; they must agree "
                              "(train.py takes vocab_size from --data)")
-    if tc.model == "transformer" and tc.seq_len > model_cfg.max_len:
-        raise RunConfigError(f"seq_len {tc.seq_len} exceeds the model's max_len "
+    if tc.model == "transformer" and tc.data.seq_len > model_cfg.max_len:
+        raise RunConfigError(f"seq_len {tc.data.seq_len} exceeds the model's max_len "
                              f"{model_cfg.max_len}; lower seq_len or raise max_len")
-    check_batch(tc.batch_size, placement.batch_shards, tc.grad_accum)
-    batches.check_length(data.train, tc.seq_len, "train", f"{data.unit}s")
-    batches.check_length(data.val, tc.seq_len, "validation", f"{data.unit}s")
+    check_batch(tc.data.batch_size, placement.batch_shards, tc.optim.grad_accum)
+    batches.check_length(data.train, tc.data.seq_len, "train", f"{data.unit}s")
+    batches.check_length(data.val, tc.data.seq_len, "validation", f"{data.unit}s")
 
 
 def _check_run_tokenizer(out: Path, data: LMData) -> None:
@@ -87,41 +86,41 @@ def _keep_tokenizer(text: str, out: Path) -> None:
 
 def workload(model_cfg: ModelConfig, tc: TrainConfig, placement: Placement, *,
              log: Any = None) -> Workload:
-    """The language model on the data of ``tc.data``.
+    """The language model on the data of ``tc.data.data``.
 
     Raises:
       RunConfigError, transformer_jax.data.DataError, transformer_jax.parallel.BatchSplitError:
         settings or data that cannot train (before anything compiles).
     """
     del log  # nothing to report beyond the loop's start-up line
-    data = load_lm_data(tc.data, tc.val_fraction)
+    data = load_lm_data(tc.data.data, tc.data.val_fraction)
     _check(model_cfg, tc, placement, data)
     _check_run_tokenizer(Path(tc.out), data)
-    fns = _functions(model_cfg, step_config(tc), tc.seq_len, placement)
+    fns = _functions(model_cfg, tc.step_identity(), tc.data.seq_len, placement)
 
     def sample(params: Any, step: int, device: Any) -> str:
-        return decoding.sample_text(fns.model, params, tc.sample_prompt,
-                                    max_new_tokens=tc.sample_tokens, context=tc.seq_len,
-                                    temperature=tc.sample_temperature, seed=tc.seed,
+        return decoding.sample_text(fns.model, params, tc.eval.sample_prompt,
+                                    max_new_tokens=tc.eval.sample_tokens, context=tc.data.seq_len,
+                                    temperature=tc.eval.sample_temperature, seed=tc.seed,
                                     device=device, tokenizer=data.tokenizer)
 
     return Workload(
         fns=fns,
-        init_state=lambda seed: init_state(fns.model, fns.tx, seed=seed, seq_len=tc.seq_len),
+        init_state=lambda seed: init_state(fns.model, fns.tx, seed=seed, seq_len=tc.data.seq_len),
         train_batches=lambda step, k, rows=slice(None): batches.train_batches(
-            data.train, seed=tc.seed, step=step, num_steps=k, batch_size=tc.batch_size,
-            seq_len=tc.seq_len, rows=rows),
-        width=tc.seq_len + 1,
+            data.train, seed=tc.seed, step=step, num_steps=k, batch_size=tc.data.batch_size,
+            seq_len=tc.data.seq_len, rows=rows),
+        width=tc.data.seq_len + 1,
         validate=lambda params: validation_loss(
-            fns, params, batches.eval_batches(data.val, batch_size=tc.eval_batch_size,
-                                              seq_len=tc.seq_len), placement),
-        tokens_per_step=tc.batch_size * tc.seq_len,
+            fns, params, batches.eval_batches(data.val, batch_size=tc.eval.eval_batch_size,
+                                              seq_len=tc.data.seq_len), placement),
+        tokens_per_step=tc.data.batch_size * tc.data.seq_len,
         architecture=(f"{tc.model}: {model_cfg.num_decoder_layers} layers, d_model "
                       f"{model_cfg.d_model}"),
         description=(f"data {data.name} ({len(data.train):,} train / "
                      f"{len(data.val):,} val {data.unit}s)"),
         unit=data.unit,
-        sample=sample if tc.sample_tokens else None,
+        sample=sample if tc.eval.sample_tokens else None,
         bytes_per_target=data.bytes_per_target,
         run_files=(None if data.tokenizer_json is None else
                    functools.partial(_keep_tokenizer, data.tokenizer_json)))

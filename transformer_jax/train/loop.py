@@ -45,10 +45,11 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from transformer_jax.config import ModelConfig, TrainConfig, model_identity
+from transformer_jax.config import ModelConfig, TrainConfig
 from transformer_jax.parallel import Placement, distributed, resolve, sharding
 from transformer_jax.runs import lock, metrics, rundir
 from transformer_jax.runs.checkpoint import Checkpointer
+from transformer_jax.runs.identity import checkpoint_expectation
 from transformer_jax.runs.rundir import OutputError, RunConfigError
 from transformer_jax.train.optim import make_schedule
 from transformer_jax.train.tasks import build_workload
@@ -69,8 +70,8 @@ class RunResult:
       out: the run directory.
       step: the step training stopped at.
       start_step: the step it started (or resumed) from.
-      val_loss: the last validation loss (nats per token), or NaN if none ran.
-      val_bpb: the same in bits per byte.
+      val_loss: the last validation loss (nats per :attr:`unit`), or NaN if none ran.
+      val_bpb: the same in bits per :attr:`bits_per`.
       tokens_per_s: median training throughput over this run's log intervals.
       mfu: median model-FLOPs utilisation over the same intervals.
       wall_s: wall time of :func:`run`, compilation included.
@@ -80,6 +81,9 @@ class RunResult:
         unreplicated).
       evaluation: the workload's final evaluation (the last ``metrics.jsonl`` line), or {}.
       stopped_by: the signal that stopped the run ("SIGTERM" or "SIGINT"), or ``None``.
+      unit: what ``val_loss`` is per ("byte", "token").
+      bits_per: what ``val_bpb`` is per: "byte" of text for any language model, else
+        :attr:`unit`.
     """
 
     out: Path
@@ -95,21 +99,25 @@ class RunResult:
     state: Any = dataclasses.field(repr=False, default=None)
     evaluation: dict[str, Any] = dataclasses.field(default_factory=dict)
     stopped_by: str | None = None
+    unit: str = "byte"
+    bits_per: str = "byte"
 
 
 def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | None = None,
         stop_at: int | None = None, progress: bool | None = None,
-        log: Callable[[str], None] | None = None) -> RunResult:
+        log: Callable[[str], None] | None = None, accept_changes: bool = False) -> RunResult:
     """Train (or resume) a model on ``tc.task``; write everything into ``tc.out``.
 
     Args:
       model_cfg: the model (for the language model its ``vocab_size`` must be 256: bytes; for a
         seq2seq task, the task's vocabulary size).
       tc: the training settings.
-      devices: devices to use (default: all local devices), resolved with ``tc.parallel``.
+      devices: devices to use (default: all local devices), resolved with ``tc.loop.parallel``.
       stop_at: stop at this step as if SIGTERM had arrived (checkpoint, no final eval/sample).
       progress: show a tqdm bar; ``None``: only when stderr is a terminal.
       log: where messages go (default: ``tqdm.write``, which keeps the bar intact).
+      accept_changes: resume a run in ``tc.out`` whose training settings differ in more than
+        :data:`~transformer_jax.runs.identity.FREE_ON_RESUME` (refused otherwise).
 
     Returns:
       A :class:`RunResult`.
@@ -118,12 +126,12 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
       RunConfigError, transformer_jax.data.DataError, transformer_jax.parallel.BatchSplitError:
         bad settings (before training).
       transformer_jax.runs.lock.RunLocked: another run holds ``tc.out`` (a RunConfigError).
-      NonFiniteError: ``tc.max_nonfinite`` consecutive non-finite gradients.
+      NonFiniteError: ``tc.optim.max_nonfinite`` consecutive non-finite gradients.
       OutputError: a checkpoint or ``metrics.jsonl`` could not be written.
     """
     t_start = time.perf_counter()
     try:
-        placement = resolve(tc.parallel, devices, tc.mesh)
+        placement = resolve(tc.loop.parallel, devices, tc.loop.mesh)
     except ValueError as e:
         raise RunConfigError(str(e)) from None
     if not distributed.is_lead():  # in a multi-host run only process 0 writes logs and files
@@ -132,42 +140,47 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
     with _lead_lock(Path(tc.out)):  # before the data is read: a second run stops at once
         work = build_workload(model_cfg, tc, placement, log=log)
         return train(work, model_cfg, tc, placement, stop_at=stop_at, progress=progress,
-                     log=log, t_start=t_start)
+                     log=log, t_start=t_start, accept_changes=accept_changes)
 
 
 def train(work: Workload, model_cfg: ModelConfig, tc: TrainConfig, placement: Placement, *,
           stop_at: int | None = None, progress: bool | None = None,
-          log: Callable[[str], None] = print, t_start: float | None = None) -> RunResult:
+          log: Callable[[str], None] = print, t_start: float | None = None,
+          accept_changes: bool = False) -> RunResult:
     """The generic loop: train ``work`` on ``placement`` into ``tc.out`` (see :func:`run`)."""
     with _lead_lock(Path(tc.out)):
         return _train(work, model_cfg, tc, placement, stop_at=stop_at, progress=progress,
-                      log=log, t_start=t_start)
+                      log=log, t_start=t_start, accept_changes=accept_changes)
 
 
 def _lead_lock(out: Path) -> contextlib.AbstractContextManager:
-    """The run directory's lock, held by process 0 only (the one that writes its files)."""
-    return lock.hold(out) if distributed.is_lead() else contextlib.nullcontext()
+    """The run directory's lock, held by process 0 only (the one that writes its files); when
+    it is refused, every process raises its error (instead of waiting for process 0)."""
+    return lock.hold_lead(out)
 
 
 def _train(work: Workload, model_cfg: ModelConfig, tc: TrainConfig, placement: Placement, *,
            stop_at: int | None, progress: bool | None, log: Callable[[str], None],
-           t_start: float | None) -> RunResult:
+           t_start: float | None, accept_changes: bool) -> RunResult:
     """:func:`train`, with the run directory locked."""
     t_start = time.perf_counter() if t_start is None else t_start
     out, lead = Path(tc.out), distributed.is_lead()
+    changed = False
     if lead:  # refuses another run's or an unwritable directory
-        rundir.prepare(out, model_cfg, tc, log)
+        changed = rundir.prepare(out, model_cfg, tc, log, accept_changes=accept_changes)
         if work.run_files is not None:
             work.run_files(out)
-    end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
-    with Checkpointer(out / "checkpoints", max_to_keep=tc.max_to_keep,
+    end = min(tc.schedule.steps, stop_at) if stop_at is not None else tc.schedule.steps
+    with Checkpointer(out / "checkpoints", max_to_keep=tc.loop.max_to_keep,
                       cleanup_tmp=True) as ckpt, _StopSignals() as signals:
         state, start = _restore_or_init(ckpt, work, model_cfg, tc, placement, out, log)
+        if changed and start < end:  # only a run that trains it again rewrites its config
+            rundir.update_config(out, model_cfg, tc)
         session = _Session(work, model_cfg, tc, placement, ckpt, out, lead, log, start,
                            progress, t_start)
         try:
             state, step = session.train(state, start, end, signals)
-            interrupted = step < tc.steps
+            interrupted = step < tc.schedule.steps
             evaluation = session.finish(state, step, interrupted)
         finally:
             session.close()
@@ -188,7 +201,8 @@ def _train(work: Workload, model_cfg: ModelConfig, tc: TrainConfig, placement: P
                      mfu=tok_s * work.fns.flops_per_token / session.peak,
                      wall_s=time.perf_counter() - t_start, interrupted=interrupted,
                      sample=sample, state=final, evaluation=evaluation,
-                     stopped_by=signals.by if interrupted else None)
+                     stopped_by=signals.by if interrupted else None, unit=work.unit,
+                     bits_per=work.bits(session.val_loss)[1])
 
 
 def _restore_or_init(ckpt: Checkpointer, work: Workload, model_cfg: ModelConfig,
@@ -199,14 +213,12 @@ def _restore_or_init(ckpt: Checkpointer, work: Workload, model_cfg: ModelConfig,
     fresh = jax.eval_shape(init)
     # Restored straight into this placement's shardings (whatever mesh saved it); a checkpoint
     # copied in from another model is refused by name.
-    restored = ckpt.restore(placement.target(fresh),
-                            expect={"model": model_identity(model_cfg.to_dict())},
-                            normalize={"model": model_identity})
+    restored = ckpt.restore(placement.target(fresh), **checkpoint_expectation(model_cfg))
     if restored is None:
         return placement.init(init, fresh), 0
     start = restored.step
-    log(f"resuming {out} from step {start}" if start < tc.steps else
-        f"{out} is already trained to step {start} (--steps {tc.steps}): evaluating and "
+    log(f"resuming {out} from step {start}" if start < tc.schedule.steps else
+        f"{out} is already trained to step {start} (--steps {tc.schedule.steps}): evaluating and "
         "sampling only")
     return placement.place(restored.state), start
 
@@ -220,8 +232,8 @@ def _write_sample(work: Workload, params: Any, step: int, out: Path, tc: TrainCo
     text = work.sample(params, step, device)
     try:
         with open(out / "samples.txt", "a") as f:
-            f.write(f"--- step {step}, temperature {tc.sample_temperature}, prompt "
-                    f"{tc.sample_prompt!r}\n{text}\n\n")
+            f.write(f"--- step {step}, temperature {tc.eval.sample_temperature}, prompt "
+                    f"{tc.eval.sample_prompt!r}\n{text}\n\n")
     except OSError as e:
         _not_written(out / "samples.txt", e, "the sample is printed only")
     return text
@@ -235,7 +247,7 @@ def _not_written(path: Path, error: OSError, consequence: str) -> None:
 
 def _next_stop(step: int, end: int, tc: TrainConfig) -> int:
     """The next absolute step boundary: a multiple of every interval, or ``end``."""
-    every = (tc.steps_per_call, tc.log_every, tc.eval_every, tc.ckpt_every)
+    every = (tc.optim.steps_per_call, tc.loop.log_every, tc.loop.eval_every, tc.loop.ckpt_every)
     return min([end] + [(step // e + 1) * e for e in every])
 
 
@@ -257,7 +269,7 @@ class _Session:
         self.rates: list[float] = []
         self.interval: list[dict[str, np.ndarray]] = []
         self.pending = None
-        self.bar = tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True,
+        self.bar = tqdm(total=tc.schedule.steps, initial=start, unit="step", dynamic_ncols=True,
                         disable=(None if progress is None else not progress), desc="train")
         self.postfix: dict[str, str] = {}
         fns, dev0 = work.fns, placement.devices[0]
@@ -276,7 +288,7 @@ class _Session:
             stop = _next_stop(step, end, tc)
             batches = self.placement.batches(  # each host loads its own rows
                 functools.partial(work.train_batches, step, stop - step),
-                (stop - step, tc.batch_size, work.width))
+                (stop - step, tc.data.batch_size, work.width))
             state, chunk_metrics = work.fns.train(state, batches)
             self._drain(step)  # the previous call's metrics: the device has this call queued
             self.pending = chunk_metrics
@@ -286,11 +298,11 @@ class _Session:
             if not warm:  # exclude compilation from the throughput
                 self._drain(step)
                 n_timed, t_mark, warm = 0, time.perf_counter(), True
-            do_eval = step % tc.eval_every == 0 or step == tc.steps
+            do_eval = step % tc.loop.eval_every == 0 or step == tc.schedule.steps
             # With several hosts all stop together if any got a signal (one collective).
             stop_now = distributed.any_process(signals.set)
-            do_ckpt = step % tc.ckpt_every == 0 or step == end or stop_now
-            if step % tc.log_every == 0 or do_eval or do_ckpt:
+            do_ckpt = step % tc.loop.ckpt_every == 0 or step == end or stop_now
+            if step % tc.loop.log_every == 0 or do_eval or do_ckpt:
                 self._drain(step)
                 now = time.perf_counter()
                 # None (JSON null) when the interval held only the compiling call.
@@ -309,7 +321,7 @@ class _Session:
         host = self.placement.to_host(self.pending)
         self.pending = None
         self.interval.append(host)
-        limit = self.tc.max_nonfinite
+        limit = self.tc.optim.max_nonfinite
         if int(host["nonfinite"].max()) >= limit:
             raise NonFiniteError(
                 f"{limit} consecutive steps had non-finite losses or gradients (by step {step}); "

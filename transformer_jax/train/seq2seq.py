@@ -4,9 +4,10 @@ loop, and the paper's evaluation (greedy and beam search, exact match and corpus
 ``python train.py --task translate`` (or reverse, sort, add) runs
 :func:`transformer_jax.train.loop.run` with :func:`workload`: the same loop, placement
 (pmap/jit), checkpoints, metrics and resume as the language model; only the model, the
-batches and the validation differ. The recipe is the paper's
-(:data:`TRAIN_DEFAULTS`): post-LN, shared embeddings (§3.4), Adam β = (0.9, 0.98), ε = 1e-9 with
-the warmup / inverse-square-root schedule (§5.3), label smoothing 0.1 (§5.4). When training
+batches and the validation differ. The recipe is the paper's (the "translate" recipe of
+:mod:`transformer_jax.config.recipes`): post-LN, shared embeddings (§3.4), Adam β = (0.9,
+0.98), ε = 1e-9 with the warmup / inverse-square-root schedule (§5.3), label smoothing 0.1
+(§5.4). When training
 completes, the test split is decoded greedily and with beam search (beam 4, α = 0.6, §6.1),
 optionally with the mean parameters of the last checkpoints (§6.1), and the scores become the
 last line of ``metrics.jsonl``.
@@ -41,28 +42,15 @@ from transformer_jax.train.workload import (
     StepFunctions,
     Workload,
     compile_steps,
-    step_config,
     validation_loss,
 )
 
-__all__ = ["TRAIN_DEFAULTS", "eval_step", "evaluate", "loss_and_grads", "workload"]
+__all__ = ["eval_step", "evaluate", "loss_and_grads", "workload"]
 
 NUM_VALIDATION = 500
 """Validation examples (teacher-forced loss at every evaluation)."""
 NUM_TEST = 500
 """Test examples decoded at the end of training."""
-
-TRAIN_DEFAULTS = TrainConfig(
-    task="translate", out="runs/translate", optimizer="adam", schedule="paper", warmup=400,
-    label_smoothing=0.1, grad_clip=0.0, weight_decay=0.0, steps=2500, batch_size=64,
-    log_every=50, eval_every=500, ckpt_every=100, steps_per_call=10, max_to_keep=5,
-    average_last=5, sample_tokens=0)
-"""``python train.py --task ...`` defaults: the paper's recipe at a CPU-sized budget. Adam and
-the schedule are §5.3's (peak lr = D^-0.5 · warmup^-0.5); warmup is shortened from 4000 to fit
-the budget. Checkpoints every 100 steps so the last 5 (averaged, §6.1) span the final 400.
-2500 steps leave the translate task's test score clear of float-rounding noise (the README's
-"Translation" section has the measurements)."""
-
 
 def _split(batch: jax.Array, src_len: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Packed [B, S + T + 2] -> (src [B, S], decoder input [B, T + 1], targets [B, T + 1])."""
@@ -110,10 +98,7 @@ def _check(model_cfg: ModelConfig, tc: TrainConfig, task: Seq2SeqTask,
                              f"{model_cfg.max_len}")
     if model_cfg.num_encoder_layers < 1:
         raise RunConfigError("the encoder-decoder needs at least one encoder layer")
-    if tc.average_last > tc.max_to_keep:
-        raise RunConfigError(f"average_last={tc.average_last} needs max_to_keep >= "
-                             f"{tc.average_last} checkpoints, got {tc.max_to_keep}")
-    check_batch(tc.batch_size, placement.batch_shards, tc.grad_accum)
+    check_batch(tc.data.batch_size, placement.batch_shards, tc.optim.grad_accum)
 
 
 @functools.lru_cache(maxsize=8)
@@ -156,7 +141,7 @@ def workload(model_cfg: ModelConfig, tc: TrainConfig, placement: Placement, *,
     """
     task = get_task(tc.task)
     _check(model_cfg, tc, task, placement)
-    fns = _functions(model_cfg, step_config(tc), task.src_len, task.max_tgt_len, placement)
+    fns = _functions(model_cfg, tc.step_identity(), task.src_len, task.max_tgt_len, placement)
     val = task.pack(task.examples("validation", NUM_VALIDATION, seed=tc.seed))
     test = task.examples("test", NUM_TEST, seed=tc.seed)
     lengths = (task.src_len, task.max_tgt_len + 1)
@@ -165,10 +150,10 @@ def workload(model_cfg: ModelConfig, tc: TrainConfig, placement: Placement, *,
 
     def finish(params: Any, ckpt: Checkpointer, step: int) -> dict[str, Any]:
         steps = [step]
-        if tc.average_last > 1:
+        if tc.eval.average_last > 1:
             here = placement.local_device
             params, steps = ckpt.average(_abstract_state(fns.model, fns.tx, task, here),
-                                         last=tc.average_last, select=lambda s: s.params)
+                                         last=tc.eval.average_last, select=lambda s: s.params)
         result = evaluate(fns.model, params, task, test)
         result["average_steps"] = steps
         log(_report(result, task, test))
@@ -181,11 +166,11 @@ def workload(model_cfg: ModelConfig, tc: TrainConfig, placement: Placement, *,
         init_state=lambda seed: init_state(fns.model, fns.tx, seed=seed, input_lengths=lengths),
         # Each process builds the whole (small) global batch and keeps its rows.
         train_batches=lambda step, k, rows=slice(None): task.batches(
-            tc.seed, step, k, tc.batch_size)[:, rows],
+            tc.seed, step, k, tc.data.batch_size)[:, rows],
         width=val.shape[1],
         validate=lambda params: validation_loss(
-            fns, params, _padded_batches(val, tc.eval_batch_size), placement),
-        tokens_per_step=round(tc.batch_size * tokens),
+            fns, params, _padded_batches(val, tc.eval.eval_batch_size), placement),
+        tokens_per_step=round(tc.data.batch_size * tokens),
         architecture=(f"{tc.model}: {model_cfg.num_encoder_layers}+"
                       f"{model_cfg.num_decoder_layers} layers, d_model {model_cfg.d_model}"),
         description=(f"task {task.name} (V={task.vocab_size}, S={task.src_len}, "

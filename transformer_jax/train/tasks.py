@@ -15,7 +15,7 @@ from transformer_jax.parallel import Placement
 from transformer_jax.train import lm, seq2seq
 from transformer_jax.train.workload import Workload
 
-__all__ = ["WORKLOADS", "build_workload", "defaults"]
+__all__ = ["WORKLOADS", "build_workload"]
 
 WORKLOADS: dict[str, Callable[..., Workload]] = {
     task: lm.workload if task == "lm" else seq2seq.workload for task in typing.get_args(Task)
@@ -27,8 +27,3 @@ def build_workload(model_cfg: ModelConfig, tc: TrainConfig, placement: Placement
                    log: Callable[[str], None]) -> Workload:
     """The workload of ``tc.task`` (raises the builder's errors for settings that cannot train)."""
     return WORKLOADS[tc.task](model_cfg, tc, placement, log=log)
-
-
-def defaults(task: str) -> TrainConfig:
-    """The training defaults of ``task``: the LM's, or the paper's recipe for seq2seq tasks."""
-    return TrainConfig() if task == "lm" else seq2seq.TRAIN_DEFAULTS

@@ -26,13 +26,7 @@ from transformer_jax.parallel import Placement, sharding
 from transformer_jax.train.optim import make_optimizer
 from transformer_jax.train.step import train_steps
 
-__all__ = ["StepFunctions", "Workload", "compile_steps", "step_config", "validation_loss"]
-
-# Fields of TrainConfig that change the compiled train step (the others are the loop's).
-_STEP_FIELDS = ("model", "steps", "grad_accum", "optimizer", "lr", "min_lr_ratio", "schedule",
-                "warmup", "b1", "b2", "eps", "weight_decay", "grad_clip", "label_smoothing",
-                "steps_per_call", "max_nonfinite", "task", "z_loss")
-
+__all__ = ["StepFunctions", "Workload", "compile_steps", "validation_loss"]
 
 @dataclasses.dataclass(frozen=True)
 class StepFunctions:
@@ -46,11 +40,6 @@ class StepFunctions:
     n_params: int
 
 
-def step_config(tc: TrainConfig) -> TrainConfig:
-    """``tc`` with only the fields that change the compiled step (the cache key of compiles)."""
-    return TrainConfig(**{f: getattr(tc, f) for f in _STEP_FIELDS})
-
-
 def compile_steps(model: Any, step_cfg: TrainConfig, d_model: int, placement: Placement, *,
                   init_state: Callable[..., Any], eval_step: Callable[..., Any],
                   flops_per_token: Callable[[Any], float], dropout: bool,
@@ -59,7 +48,7 @@ def compile_steps(model: Any, step_cfg: TrainConfig, d_model: int, placement: Pl
 
     Args:
       model: the Flax module.
-      step_cfg: :func:`step_config` of the run's settings.
+      step_cfg: :meth:`~transformer_jax.config.TrainConfig.step_identity` of the run's settings.
       d_model: D (the paper's schedule scales by D^-0.5).
       placement: where the train step runs.
       init_state: ``(model, tx, *, seed) -> TrainState``; traced with ``jax.eval_shape`` only.
@@ -71,9 +60,9 @@ def compile_steps(model: Any, step_cfg: TrainConfig, d_model: int, placement: Pl
     """
     tx = make_optimizer(step_cfg, d_model)
     step = functools.partial(train_steps, apply_fn=model.apply, tx=tx,
-                             label_smoothing=step_cfg.label_smoothing,
-                             grad_accum=step_cfg.grad_accum, dropout=dropout,
-                             z_loss=step_cfg.z_loss, **step_kwargs)
+                             label_smoothing=step_cfg.optim.label_smoothing,
+                             grad_accum=step_cfg.optim.grad_accum, dropout=dropout,
+                             z_loss=step_cfg.optim.z_loss, **step_kwargs)
     abstract_state = jax.eval_shape(lambda: init_state(model, tx, seed=0))
     train = placement.compile(step, abstract_state)
     evaluate = jax.jit(functools.partial(eval_step, apply_fn=model.apply))
