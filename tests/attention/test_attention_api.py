@@ -278,9 +278,12 @@ def test_causal_blocks_are_skipped_by_the_loop_bounds():
 
 
 def test_exact_path_computes_only_the_causal_triangle_in_chunks():
+    # Causal: two halves (each chunk is compiled on its own, so few); a two-sided window: more.
     spec = kernels.Spec(is_causal=True, window=None, block_q=512, block_k=512)
     chunks = kernels.row_chunks(spec, 1024, 1024)
-    assert len(chunks) == 8 and chunks[0] == (0, 128, 0, 128) and chunks[-1][3] == 1024
+    assert chunks == [(0, 512, 0, 512), (512, 1024, 0, 1024)]
+    local = kernels.row_chunks(dataclasses.replace(spec, window=(64, 0)), 1024, 1024)
+    assert len(local) == 8 and local[0] == (0, 128, 0, 128) and local[-1] == (896, 1024, 832, 1024)
     full = kernels.row_chunks(dataclasses.replace(spec, is_causal=False), 1024, 1024)
     assert full == [(0, 1024, 0, 1024)]
 
@@ -347,6 +350,19 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("name,args,exc,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_inputs_raise_clear_errors(name, args, exc, message):
     with pytest.raises(exc, match=message.replace("(", r"\(").replace(")", r"\)")):
+        dot_product_attention(**args)
+
+
+@pytest.mark.parametrize("name,args", [b[:2] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs_raise_what_jax_nn_raises(name, args):
+    """Code that catches jax.nn's exception catches ours (ValueError, also for dtypes)."""
+    try:
+        jax.nn.dot_product_attention(**args)
+    except Exception as e:  # noqa: BLE001 (the point is which class jax.nn raises)
+        expected = type(e)
+    else:
+        pytest.skip(f"jax.nn accepts the {name} case")
+    with pytest.raises(expected):
         dot_product_attention(**args)
 
 

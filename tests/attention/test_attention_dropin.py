@@ -84,6 +84,16 @@ def test_python_lists_are_converted_or_named():
         dot_product_attention(q, k, v, bias=[[1.0, 2.0], [3.0]])
 
 
+def test_numpy_float64_query_is_converted_as_jax_nn_converts_it():
+    q64 = np.asarray(Q, np.float64)  # with x64 off, jnp.asarray makes it float32
+    expected = jax.nn.dot_product_attention(q64, K, V, is_causal=True)
+    for impl, block in IMPLS:
+        out = dot_product_attention(q64, K, V, is_causal=True, implementation=impl,
+                                    block_size=block)
+        assert out.dtype == expected.dtype == jnp.float32
+        np.testing.assert_allclose(out, expected, atol=2e-6, rtol=1e-5)
+
+
 def test_out_of_range_lengths_are_clamped_eagerly_and_under_jit():
     kw = dict(query_seq_lengths=jnp.array([99, -3]), key_value_seq_lengths=jnp.array([-1, 40]))
     eager = dot_product_attention(Q, K, V, **kw)

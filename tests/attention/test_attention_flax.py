@@ -122,7 +122,14 @@ def test_several_batch_axes_and_flax_masks_directly():
     out = flax_attention_fn(q, k, v, bias, mask)
     np.testing.assert_allclose(out, nn.dot_product_attention(q, k, v, bias, mask), atol=1e-5)
     assert out.shape == q.shape
-    with pytest.raises(ValueError, match="does not take precision"):
-        flax_attention_fn(q, k, v, precision=jax.lax.Precision.HIGHEST)
+    # precision= as Flax's default takes it: an enum, its name, or a pair (issue 30).
+    for precision in (jax.lax.Precision.HIGHEST, "highest", ("highest", "default")):
+        np.testing.assert_allclose(flax_attention_fn(q, k, v, bias, mask, precision=precision),
+                                   nn.dot_product_attention(q, k, v, bias, mask,
+                                                            precision=precision), atol=1e-5)
+    with pytest.raises(ValueError, match="precision must be"):
+        flax_attention_fn(q, k, v, precision="most")
+    with pytest.raises(ValueError, match="does not take einsum_dot_general"):
+        flax_attention_fn(q, k, v, einsum_dot_general=jax.lax.dot_general)
     with pytest.raises(ValueError, match="dropout_rate > 0 needs dropout_rng"):
         flax_attention_fn(q, k, v, dropout_rate=0.1)

@@ -5,11 +5,12 @@ softmax(Q Kᵀ · scale + bias, masked) V with the layout and arguments of
 :mod:`~transformer_jax.attention.api` holds the entry points,
 :mod:`~transformer_jax.attention.checks` their argument checks,
 :mod:`~transformer_jax.attention.dispatch` the choice of implementation (ours, or jax.nn's XLA
-and cuDNN paths), :mod:`~transformer_jax.attention.kernels` and
-:mod:`~transformer_jax.attention.blockwise` the exact and blockwise implementations,
-:mod:`~transformer_jax.attention.random_bits` the hashed bits of their dropout masks (which the
-models' dropout shares), and :mod:`~transformer_jax.attention.flax_adapter` the kernel as
-Flax's ``attention_fn``.
+and cuDNN paths), :mod:`~transformer_jax.attention.batching` the batch and the grouped layout,
+:mod:`~transformer_jax.attention.kernels` and :mod:`~transformer_jax.attention.blockwise` the
+exact and blockwise implementations, :mod:`~transformer_jax.attention.ring` ring attention over
+a sharded sequence, :mod:`~transformer_jax.attention.random_bits` the hashed bits of the dropout
+masks (which the models' dropout shares), and :mod:`~transformer_jax.attention.flax_adapter` the
+kernel as Flax's ``attention_fn``.
 """
 
 from transformer_jax.attention.api import (
@@ -21,6 +22,7 @@ from transformer_jax.attention.api import (
     scaled_dot_product_attention,
 )
 from transformer_jax.attention.flax_adapter import flax_attention_fn
+from transformer_jax.attention.ring import ring_attention
 
 __all__ = [
     "Implementation",
@@ -29,5 +31,6 @@ __all__ = [
     "flax_attention_fn",
     "make_causal_mask",
     "make_padding_mask",
+    "ring_attention",
     "scaled_dot_product_attention",
 ]

@@ -10,9 +10,13 @@ Derivatives come from a ``jax.custom_jvp`` whose tangent recomputes each block's
 from the saved row log-sum-exp: a fixed-length loop over key blocks (a ``lax.switch`` skips the
 blocks the mask rules out), each step under ``jax.checkpoint``. JAX transposes it into the
 FlashAttention-2 backward pass (one more sweep over the blocks, O(T) residuals); because its
-loops have static lengths, forward mode and ``grad`` of ``grad`` work too. Every loop carry
-starts out varying over the manual axes its inputs vary over, as ``shard_map``'s ``check_vma``
-requires.
+loops have static lengths, forward mode and ``grad`` of ``grad`` work too.
+
+Sharded inputs: every loop carry and every skipped branch is built from an input block with
+``full_like`` and no new shape, so it has the input's type in full: the manual axes it varies
+over (``shard_map``'s ``check_vma``) and its sharding under an Explicit mesh (where a carry
+must keep one sharding across iterations). All heads go through one loop: slicing the head
+axis would move data between devices wherever the heads are sharded.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.attention.kernels import (
+    Operands,
     Spec,
     Tangents,
     band,
@@ -33,7 +38,6 @@ from transformer_jax.attention.kernels import (
     nonzero_tangents,
     output_tangent,
     scores,
-    slice_2d,
     tangent_tile,
 )
 
@@ -42,9 +46,6 @@ from transformer_jax.attention.kernels import (
 # runtime spreads the matmuls over the cores, small enough (with the head groups below) to
 # stay in cache.
 DEFAULT_BLOCK = (512, 256)
-# Key/value heads are processed in this many independent loops (when they divide K): each
-# loop's working set is that much smaller, and independent loops may run concurrently.
-_HEAD_GROUPS = 2
 
 
 class _Layout(NamedTuple):
@@ -109,9 +110,12 @@ def _over_blocks(bounds, step, init):
     return jax.lax.fori_loop(b, hi, step, carry)
 
 
-def _forward(spec, qb, kb, vb, bias, scale, mask, q_len, kv_len, seeds):
-    """qb[nq, K, G, bq, H], kb/vb[nk, K, bk, H] -> out[nq, K, G, bq, H], lse[nq, K, G, bq]."""
-    nq, Kh, G, bq, H = qb.shape
+def _forward(spec: Spec, ops: Operands) -> tuple[jax.Array, jax.Array]:
+    """ops.q [nq, K, G, bq, H], ops.k/v [nk, K, bk, H] -> out [nq, K, G, bq, H],
+    lse [nq, K, G, bq]."""
+    qb, kb, vb = ops.q, ops.k, ops.v
+    assert vb is not None
+    nq, bq = qb.shape[0], qb.shape[3]
     nk, bk = kb.shape[0], kb.shape[2]
     ct = compute_dtype(qb)
 
@@ -120,24 +124,21 @@ def _forward(spec, qb, kb, vb, bias, scale, mask, q_len, kv_len, seeds):
 
         def step(j, carry, masked=True):
             m, l, acc = carry
-            s = scores(spec, q_i, kb[j], bias, scale, mask, q_len, kv_len, i * bq, j * bk,
-                       masked)
+            s = scores(spec, ops._replace(q=q_i, k=kb[j]), i * bq, j * bk, masked)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
             p = jnp.exp(s - m_safe[..., None])
             correction = jnp.exp(m - m_safe)  # rescales what earlier blocks accumulated
             l = l * correction + jnp.sum(p, axis=-1)
-            drop = dropout_multiplier(spec, seeds, i * bq, bq, j * bk, bk)
+            drop = dropout_multiplier(spec, ops.seeds, i * bq, bq, j * bk, bk)
             pv = jnp.einsum("kgqc,kch->kgqh", p if drop is None else p * drop,
-                            vb[j].astype(acc.dtype))
+                            vb[j].astype(acc.dtype), precision=spec.precision)
             return m_new, l, acc * correction[..., None] + pv
 
-        # full_like keeps q's varying manual axes (shard_map's check_vma): the loop's carry
-        # types must not change between iterations.
-        init = (jnp.full_like(q_i, -jnp.inf, ct, (Kh, G, bq)),
-                jnp.full_like(q_i, 0.0, ct, (Kh, G, bq)),
-                jnp.full_like(q_i, 0.0, ct, (Kh, G, bq, H)))
-        bounds = block_bounds(spec, i, nk, q_len, kv_len, mask is not None)
+        row = q_i[..., 0]  # [K, G, bq]: the carries take q's full type (see the docstring)
+        init = (jnp.full_like(row, -jnp.inf, ct), jnp.full_like(row, 0.0, ct),
+                jnp.full_like(q_i, 0.0, ct))
+        bounds = block_bounds(spec, i, nk, ops.q_len, ops.kv_len, ops.mask is not None)
         m, l, acc = _over_blocks(bounds, step, init)
         out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
@@ -147,33 +148,34 @@ def _forward(spec, qb, kb, vb, bias, scale, mask, q_len, kv_len, seeds):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _blockwise(layout, qb, kb, vb, bias, scale, mask, q_len, kv_len, seeds):
-    return _forward(layout.spec, qb, kb, vb, bias, scale, mask, q_len, kv_len, seeds)
+def _blockwise(layout: _Layout, ops: Operands) -> tuple[jax.Array, jax.Array]:
+    return _forward(layout.spec, ops)
 
 
-def _tangent_block(spec, branch, i, j, q_i, k_j, v_j, others, lse_i, t: Tangents):
-    """(output-tangent sum, lse tangent) of query block i against key block j.
+def _tangent_block(spec: Spec, branch, i, j, tile: Operands, lse_i, t: Tangents):
+    """(output-tangent sum, lse tangent) of query block i (``tile.q``) against key block j
+    (``tile.k``, ``tile.v``).
 
     ``branch`` 0 skips the block, 1 computes it masked, 2 unmasked. ``t`` holds this block's
     tangents. The probabilities come back from the saved lse (+inf for a row with no visible
     key, so they are 0 there).
     """
-    bias, scale, mask, q_len, kv_len, seeds = others
-    bq, bk = q_i.shape[2], k_j.shape[1]
+    q_i = tile.q
+    bq, bk = q_i.shape[2], tile.k.shape[1]
+    ct = compute_dtype(q_i)
+
+    def zeros():  # zeros of q's full type (see the module docstring)
+        return jnp.full_like(q_i, 0.0, ct), jnp.full_like(q_i[..., 0], 0.0, ct)
 
     def compute(masked):
-        s = scores(spec, q_i, k_j, bias, scale, mask, q_len, kv_len, i * bq, j * bk, masked)
+        s = scores(spec, tile, i * bq, j * bk, masked)
         p = jnp.exp(s - lse_i[..., None])
-        drop = dropout_multiplier(spec, seeds, i * bq, bq, j * bk, bk)
-        acc, lse_t = tangent_tile(p, drop, q_i, k_j, v_j, scale, t)
-        return (jnp.full_like(p, 0.0, shape=q_i.shape) if acc is None else acc,
-                jnp.full_like(p, 0.0, shape=p.shape[:-1]) if lse_t is None else lse_t)
+        drop = dropout_multiplier(spec, tile.seeds, i * bq, bq, j * bk, bk)
+        acc, lse_t = tangent_tile(p, drop, tile, t, spec.precision)
+        acc0, lse_t0 = zeros()
+        return (acc0 if acc is None else acc), (lse_t0 if lse_t is None else lse_t)
 
-    def skip():  # zeros that vary over the same manual axes as the computed branches
-        return (jnp.full_like(q_i, 0.0, compute_dtype(q_i)),
-                jnp.full_like(q_i, 0.0, compute_dtype(q_i), q_i.shape[:-1]))
-
-    return jax.lax.switch(branch, [skip, lambda: compute(True), lambda: compute(False)])
+    return jax.lax.switch(branch, [zeros, lambda: compute(True), lambda: compute(False)])
 
 
 def _bias_blocks(x, nq: int, bq: int, nk: int, bk: int):
@@ -187,17 +189,15 @@ def _bias_blocks(x, nq: int, bq: int, nk: int, bk: int):
     return jnp.broadcast_to(x, (nq, nk) + x.shape[2:])
 
 
-def _tangent(layout, primals, out, lse, t: Tangents):
+def _tangent(layout: _Layout, ops: Operands, out, lse, t: Tangents):
     """Tangents of (out, lse): per query block, a fixed-length loop over all key blocks.
 
     The blocks (of the primals and tangents) enter the loops as their scanned-over inputs, so
     that the transpose writes each block's cotangent once instead of adding a full-size array
     per step, and the checkpointed step's residuals are those inputs, not copies.
     """
-    qb, kb, vb, bias, scale, mask, q_len, kv_len, seeds = primals
-    others = (bias, scale, mask, q_len, kv_len, seeds)
     spec = layout.spec
-    nq, nk = qb.shape[0], kb.shape[0]
+    nq, nk = ops.q.shape[0], ops.k.shape[0]
     lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
     # Checkpointed, the step's transpose recomputes its probabilities instead of saving
     # [nq, nk] blocks of them: the reverse pass keeps O(T) memory.
@@ -210,27 +210,29 @@ def _tangent(layout, primals, out, lse, t: Tangents):
         i, q_i, q_t, out_i, lse_i, bias_t_i = xs
         # The lengths (batched under vmap) must not pick the step; the masked step applies them.
         lo, a, b, hi = block_bounds(spec, i, nk, layout.T, layout.S,
-                                    mask is not None or layout.has_lengths)
+                                    ops.mask is not None or layout.has_lengths)
 
         def step(carry, xs):
             j, k_j, v_j, k_t, v_t, bias_t_ij = xs
             branch = jnp.where((j < lo) | (j >= hi), 0, jnp.where((j >= a) & (j < b), 2, 1))
-            acc, lse_t = block(branch, i, j, q_i, k_j, v_j, others, lse_i,
+            acc, lse_t = block(branch, i, j, ops._replace(q=q_i, k=k_j, v=v_j), lse_i,
                                Tangents(q_t, k_t, v_t, bias_t_ij, t.scale))
             return (carry[0] + acc, carry[1] + lse_t), None
 
         zeros = jnp.full_like(out_i, 0.0)
         (acc, lse_t), _ = jax.lax.scan(step, (zeros, zeros[..., 0]),
-                                       (jnp.arange(nk, dtype=jnp.int32), kb, vb, t.k, v_t,
-                                        bias_t_i))
+                                       (jnp.arange(nk, dtype=jnp.int32), ops.k, ops.v, t.k,
+                                        v_t, bias_t_i))
         return output_tangent(acc, lse_t, out_i)
 
-    return jax.lax.map(query_block, (jnp.arange(nq, dtype=jnp.int32), qb, t.q, out, lse, bias_t))
+    return jax.lax.map(query_block,
+                       (jnp.arange(nq, dtype=jnp.int32), ops.q, t.q, out, lse, bias_t))
 
 
-def _blockwise_jvp(layout, primals, tangents):
-    out, lse = _blockwise(layout, *primals)
-    return (out, lse), _tangent(layout, primals, out, lse, nonzero_tangents(tangents))
+def _blockwise_jvp(layout: _Layout, primals, tangents):
+    (ops,) = primals
+    out, lse = _blockwise(layout, ops)
+    return (out, lse), _tangent(layout, ops, out, lse, nonzero_tangents(tangents[0]))
 
 
 _blockwise.defjvp(_blockwise_jvp, symbolic_zeros=True)
@@ -245,17 +247,14 @@ def _pad_axis(x, axis: int, size: int, value=0):
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _heads(x, g: int, w: int):
-    """Heads g·w … (g + 1)·w of a [Kb, …] array (a broadcast axis of size 1 stays)."""
-    return x if x is None or x.shape[0] == 1 else x[g * w:(g + 1) * w]
-
-
-def blockwise(spec, q, k, v, bias, scale, mask, q_len, kv_len, seeds):
+def blockwise(spec: Spec, ops: Operands) -> tuple[jax.Array, jax.Array]:
     """Blockwise attention on the grouped layout: (out [K, G, T, H], lse [K, G, T]) in the
     compute dtype.
 
     Pads T and S up to whole blocks; T = 0 or S = 0 returns zeros without a loop.
     """
+    q, k, v = ops.q, ops.k, ops.v
+    assert v is not None
     Kh, G, T, H = q.shape
     S = k.shape[1]
     if T == 0 or S == 0:
@@ -263,27 +262,21 @@ def blockwise(spec, q, k, v, bias, scale, mask, q_len, kv_len, seeds):
         return jnp.zeros((Kh, G, T, H), ct), jnp.full((Kh, G, T), -jnp.inf, ct)
     bq, bk = min(spec.block_q, T), min(spec.block_k, S)
     layout = _Layout(dataclasses.replace(spec, block_q=bq, block_k=bk), T, S,
-                     q_len is not None or kv_len is not None)
+                     ops.q_len is not None or ops.kv_len is not None)
     nq, nk = _ceil_div(T, bq), _ceil_div(S, bk)
     Tp, Sp = nq * bq, nk * bk
-    q_len = jnp.int32(T) if q_len is None else jnp.minimum(q_len, T).astype(jnp.int32)
-    kv_len = jnp.int32(S) if kv_len is None else jnp.minimum(kv_len, S).astype(jnp.int32)
+    q_len = jnp.int32(T) if ops.q_len is None else jnp.minimum(ops.q_len, T).astype(jnp.int32)
+    kv_len = (jnp.int32(S) if ops.kv_len is None
+              else jnp.minimum(ops.kv_len, S).astype(jnp.int32))
     q = _pad_axis(q, 2, Tp)
     k, v = _pad_axis(k, 1, Sp), _pad_axis(v, 1, Sp)
-    bias = _pad_axis(_pad_axis(bias, 2, Tp), 3, Sp)
-    mask = _pad_axis(_pad_axis(mask, 2, Tp, False), 3, Sp, False)
-    qb = q.reshape(Kh, G, nq, bq, H).transpose(2, 0, 1, 3, 4)
-    kb = k.reshape(Kh, nk, bk, H).transpose(1, 0, 2, 3)
-    vb = v.reshape(Kh, nk, bk, H).transpose(1, 0, 2, 3)
-    groups = _HEAD_GROUPS if Kh % _HEAD_GROUPS == 0 else 1
-    w = Kh // groups
-    parts = [
-        _blockwise(layout, qb[:, g * w:(g + 1) * w], kb[:, g * w:(g + 1) * w],
-                   vb[:, g * w:(g + 1) * w], _heads(bias, g, w), scale, _heads(mask, g, w),
-                   q_len, kv_len, _heads(seeds, g, w))
-        for g in range(groups)
-    ]  # each ([nq, w, G, bq, H], [nq, w, G, bq])
-    out = jnp.concatenate([p[0] for p in parts], axis=1) if groups > 1 else parts[0][0]
-    lse = jnp.concatenate([p[1] for p in parts], axis=1) if groups > 1 else parts[0][1]
+    bias = _pad_axis(_pad_axis(ops.bias, 2, Tp), 3, Sp)
+    mask = _pad_axis(_pad_axis(ops.mask, 2, Tp, False), 3, Sp, False)
+    blocked = ops._replace(
+        q=q.reshape(Kh, G, nq, bq, H).transpose(2, 0, 1, 3, 4),  # [nq, K, G, bq, H]
+        k=k.reshape(Kh, nk, bk, H).transpose(1, 0, 2, 3),  # [nk, K, bk, H]
+        v=v.reshape(Kh, nk, bk, H).transpose(1, 0, 2, 3),
+        bias=bias, mask=mask, q_len=q_len, kv_len=kv_len)
+    out, lse = _blockwise(layout, blocked)  # [nq, K, G, bq, H], [nq, K, G, bq]
     return (out.transpose(1, 2, 0, 3, 4).reshape(Kh, G, Tp, H)[:, :, :T],
             lse.transpose(1, 2, 0, 3).reshape(Kh, G, Tp)[:, :, :T])

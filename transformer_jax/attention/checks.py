@@ -2,17 +2,23 @@
 
 Every entry point of :mod:`~transformer_jax.attention.api` passes its arguments through
 :func:`normalise`, which names the argument and the shapes it got in every error, converts
-what ``jax.nn.dot_product_attention`` also converts (Python lists, integer and boolean biases),
-and returns one :class:`Call` in the batched layout: one example (``query[T, N, H]``) gets a
-batch axis of 1. Shapes and dtypes are static under ``jax.jit``, so nothing here needs values;
-sequence lengths are clamped to their range by the kernel (jax.nn's masks behave the same),
-eagerly and under ``jit`` alike.
+what ``jax.nn.dot_product_attention`` also converts (Python lists, NumPy arrays to JAX's
+default dtypes, integer and boolean biases), and returns one :class:`Call` in the batched
+layout: one example (``query[T, N, H]``) gets a batch axis of 1. Shapes and dtypes are static
+under ``jax.jit``, so nothing here needs values; sequence lengths are clamped to their range by
+the kernel (jax.nn's masks behave the same), eagerly and under ``jit`` alike.
+
+A wrong dtype or argument type, or a mask or bias that does not broadcast, raises
+:class:`ArgumentError`, which is both a ``ValueError`` and a ``TypeError``: ``jax.nn`` raises
+``ValueError`` for a wrong dtype and ``TypeError`` (from broadcasting) for a wrong mask shape,
+so code that catches jax.nn's exception for a case catches ours too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,41 +31,53 @@ from transformer_jax.attention.dispatch import IMPLEMENTATIONS
 _NUMBER = (int, float, np.integer, np.floating)
 
 
-@dataclasses.dataclass
-class Call:
-    """One normalised call: [B, T, N, H] / [B, S, K, H] arrays, 4-D mask and bias, [B] lengths."""
+class ArgumentError(ValueError, TypeError):
+    """A bad dtype, type or broadcast shape: a ``ValueError`` and a ``TypeError``, so that it
+    is caught where jax.nn's exception for the same case would be."""
 
-    query: jax.Array
-    key: jax.Array
-    value: jax.Array | None
-    bias: jax.Array | None
-    mask: jax.Array | None
-    q_lens: jax.Array | None
-    kv_lens: jax.Array | None
-    scale: float | jax.Array
+
+class Arrays(NamedTuple):
+    """The arrays of one normalised call (a pytree: it passes through ``jit`` and ``vmap``)."""
+
+    query: jax.Array  # [B, T, N, H]
+    key: jax.Array  # [B, S, K, H]
+    value: jax.Array | None  # [B, S, K, H]; None when only the probabilities are wanted
+    bias: jax.Array | None  # 4-D, broadcastable to [B, N, T, S]
+    mask: jax.Array | None  # boolean, 4-D, broadcastable to [B, N, T, S]
+    q_lens: jax.Array | None  # int [B]
+    kv_lens: jax.Array | None  # int [B]
+    scale: float | jax.Array  # a Python float, or a traced scalar
+    rng: jax.Array | None  # the dropout key; per example (inside vmap), uint32 [2] seeds
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One normalised call: its arrays in the batched layout and its static settings."""
+
+    arrays: Arrays
     spec: kernels.Spec
     batched: bool  # False: the caller passed one example and gets no batch axis back
-    dropout_rng: jax.Array | None
 
 
 def _shape(x) -> tuple[int, ...]:
     return tuple(np.shape(x))
 
 
-def _as_array(name: str, x):
-    """x as an array; Python lists and scalars are converted, naming ``name`` if that fails."""
-    if x is None or isinstance(x, jax.Array | np.ndarray):
+def _as_array(name: str, x: Any) -> Any:
+    """x as a JAX array; Python lists and NumPy arrays are converted as ``jax.nn`` converts
+    them (NumPy float64 becomes float32 unless x64 is on), naming ``name`` if that fails."""
+    if x is None or isinstance(x, jax.Array):
         return x
     try:
         return jnp.asarray(x)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"{name} must be an array (or nested lists of numbers), could not "
-                        f"convert the {type(x).__name__} given: {e}") from None
+        raise ArgumentError(f"{name} must be an array (or nested lists of numbers), could not "
+                            f"convert the {type(x).__name__} given: {e}") from None
 
 
 def _check_float(name: str, x) -> None:
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+        raise ArgumentError(f"{name} must be a floating-point array, got dtype {x.dtype}")
 
 
 def _check_qkv(query, key, value, rank: int) -> None:
@@ -72,8 +90,8 @@ def _check_qkv(query, key, value, rank: int) -> None:
             raise ValueError(f"{name} must have rank {rank} {layout}{like}, got shape {x.shape}")
         _check_float(name, x)
     if not query.dtype == key.dtype == value.dtype:
-        raise TypeError(f"query, key and value must share one dtype, got {query.dtype}, "
-                        f"{key.dtype}, {value.dtype}")
+        raise ArgumentError(f"query, key and value must share one dtype, got {query.dtype}, "
+                            f"{key.dtype}, {value.dtype}")
     qs, ks, vs = query.shape, key.shape, value.shape
     if ks != vs:
         raise ValueError(f"key and value must have the same shape {layout_kv}, got {ks} and {vs}")
@@ -95,17 +113,18 @@ def _broadcastable(name: str, x, target: tuple[int, ...], legend: str):
         x = x[0]
     xs = x.shape
     if len(xs) > len(target) or any(a not in (1, b) for a, b in zip(xs[::-1], target[::-1])):
-        raise ValueError(f"{name} of shape {_shape(x)} is not broadcastable to {legend} = {target}")
+        raise ArgumentError(f"{name} of shape {_shape(x)} is not broadcastable to {legend} = "
+                            f"{target}")
     return x
 
 
 def _mask_and_bias(mask, bias, query, target, legend):
     if mask is not None and mask.dtype != jnp.bool_:
-        raise TypeError(f"mask must be a boolean array (True = attend), got dtype {mask.dtype}; "
-                        "pass additive float masks as bias=")
+        raise ArgumentError(f"mask must be a boolean array (True = attend), got dtype "
+                            f"{mask.dtype}; pass additive float masks as bias=")
     if bias is not None and not jnp.issubdtype(bias.dtype, jnp.floating):
         if not (jnp.issubdtype(bias.dtype, jnp.integer) or bias.dtype == jnp.bool_):
-            raise TypeError(f"bias must be a real number array, got dtype {bias.dtype}")
+            raise ArgumentError(f"bias must be a real number array, got dtype {bias.dtype}")
         bias = bias.astype(jnp.promote_types(query.dtype, jnp.float32))  # as jax.nn adds it
     return (_broadcastable("mask", mask, target, legend),
             _broadcastable("bias", bias, target, legend))
@@ -120,7 +139,7 @@ def _lengths(name: str, x, B):
         raise ValueError(f"{name} must have shape {' or '.join(map(str, expect))}, "
                          f"got {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}")
+        raise ArgumentError(f"{name} must be an integer array, got dtype {x.dtype}")
     return x.reshape(B if B is not None else 1)
 
 
@@ -132,8 +151,8 @@ def _scale(scale, H):
     scale = _as_array("scale", scale)
     if scale.size != 1 or not (jnp.issubdtype(scale.dtype, jnp.floating)
                                or jnp.issubdtype(scale.dtype, jnp.integer)):
-        raise TypeError(f"scale must be a real number or a one-element array, got shape "
-                        f"{scale.shape} and dtype {scale.dtype}")
+        raise ArgumentError(f"scale must be a real number or a one-element array, got shape "
+                            f"{scale.shape} and dtype {scale.dtype}")
     return scale.reshape(())
 
 
@@ -148,13 +167,29 @@ def _pair(name: str, value, minimum: int, what: str):
     return int(pair[0]), int(pair[1])
 
 
+def precision_of(precision: Any) -> Any:
+    """``precision=`` as ``jnp.einsum`` takes it: None, a ``jax.lax.Precision`` (or its name,
+    "highest" for instance), or a pair of them, one per operand; hashable."""
+    if precision is None or isinstance(precision, jax.lax.Precision):
+        return precision
+    if isinstance(precision, str):
+        try:
+            return jax.lax.Precision(precision)
+        except ValueError:
+            pass
+    elif isinstance(precision, Sequence) and len(precision) == 2:
+        return tuple(precision_of(p) for p in precision)
+    raise ValueError(f"precision must be None, a jax.lax.Precision, one of its names "
+                     f"('default', 'high', 'highest') or a pair of them, got {precision!r}")
+
+
 def _options(implementation, is_causal, return_residual, dropout_rate, dropout_rng):
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
     for name, flag in (("is_causal", is_causal), ("return_residual", return_residual)):
         if not isinstance(flag, bool | np.bool_):
-            raise TypeError(f"{name} must be a Python bool, got {type(flag).__name__}")
+            raise ArgumentError(f"{name} must be a Python bool, got {type(flag).__name__}")
     if not isinstance(dropout_rate, _NUMBER) or not 0 <= dropout_rate < 1:
         raise ValueError(f"dropout_rate must be a Python number in [0, 1), got {dropout_rate!r}")
     if dropout_rate and dropout_rng is None:
@@ -163,8 +198,8 @@ def _options(implementation, is_causal, return_residual, dropout_rate, dropout_r
         rng = _as_array("dropout_rng", dropout_rng)
         typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
         if not (typed and rng.shape == () or rng.dtype == jnp.uint32 and rng.shape == (2,)):
-            raise TypeError("dropout_rng must be one jax.random key (jax.random.key or "
-                            f"PRNGKey), got shape {rng.shape} and dtype {rng.dtype}")
+            raise ArgumentError("dropout_rng must be one jax.random key (jax.random.key or "
+                                f"PRNGKey), got shape {rng.shape} and dtype {rng.dtype}")
         return rng
     return None
 
@@ -172,7 +207,7 @@ def _options(implementation, is_causal, return_residual, dropout_rate, dropout_r
 def normalise(query, key, value, bias, mask, q_lens, kv_lens, *, rank, names, scale,
               is_causal, local_window_size, implementation=None, block_size=None,
               return_residual=False, dropout_rate=0.0, dropout_rng=None,
-              dropout_broadcast=False) -> Call:
+              dropout_broadcast=False, precision=None) -> Call:
     """Check every argument and return the :class:`Call` (``value=None`` asks for weights).
 
     ``rank``: 4 (batched), 3 (one example) or None (either, by the query's rank); ``names``:
@@ -201,9 +236,10 @@ def normalise(query, key, value, bias, mask, q_lens, kv_lens, *, rank, names, sc
         is_causal=bool(is_causal),
         window=_pair("local_window_size", local_window_size, 0, "non-negative"),
         block_q=DEFAULT_BLOCK[0], block_k=DEFAULT_BLOCK[1],
-        dropout_rate=float(dropout_rate), dropout_broadcast=bool(dropout_broadcast))
+        dropout_rate=float(dropout_rate), dropout_broadcast=bool(dropout_broadcast),
+        precision=precision_of(precision))
     blocks = _pair("block_size", block_size, 1, "positive")
     if blocks is not None:
         spec = dataclasses.replace(spec, block_q=blocks[0], block_k=blocks[1])
-    return Call(query, key, value, bias, mask, q_lens, kv_lens, _scale(scale, H), spec,
-                rank == 4, rng)
+    arrays = Arrays(query, key, value, bias, mask, q_lens, kv_lens, _scale(scale, H), rng)
+    return Call(arrays, spec, rank == 4)

@@ -12,12 +12,16 @@ else ours by size. :func:`cudnn_unsupported` is the pure decision, given a :clas
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax.attention import kernels
+
+if TYPE_CHECKING:  # checks imports this module's IMPLEMENTATIONS
+    from transformer_jax.attention.checks import Arrays
 
 IMPLEMENTATIONS = ("exact", "blockwise", "xla", "cudnn")
 #: Above this many scores per (example, head) ``implementation=None`` picks "blockwise" (off a
@@ -60,6 +64,7 @@ class Problem:
     static_scale: bool = True  # a Python number, not an array
     dropout: bool = False
     sharded: frozenset[str] = frozenset()  # which of "T", "H" the query is sharded along
+    precision: bool = False  # precision= was given (jax.nn takes none)
 
 
 def _capability(device: Device) -> tuple[int, ...]:
@@ -92,6 +97,8 @@ def cudnn_unsupported(problem: Problem, device: Device) -> str | None:
         return "cuDNN needs scale as a Python number, not an array"
     if p.dropout:
         return "jax.nn's cuDNN path has no attention dropout"
+    if p.precision:
+        return "jax.nn's cuDNN path takes no precision="
     if p.sharded:
         return "cuDNN's partitioning rejects sharding along the sequence (T) or head-dim (H) axis"
     return None
@@ -119,6 +126,9 @@ def choose_implementation(implementation: str | None, problem: Problem,
     elif implementation == "xla" and problem.dropout:
         raise ValueError("dropout_rate > 0 needs implementation 'exact', 'blockwise' or None: "
                          "jax.nn's XLA path has no attention dropout")
+    elif implementation == "xla" and problem.precision:
+        raise ValueError("precision= needs implementation 'exact', 'blockwise' or None: "
+                         "jax.nn's XLA path takes no precision")
     elif implementation == "blockwise" and not static:
         raise ValueError("implementation='blockwise' needs static sequence lengths; with a "
                          "symbolic T or S (jax.export) use 'exact' or None")
@@ -131,7 +141,7 @@ def choose_implementation(implementation: str | None, problem: Problem,
     return "blockwise" if problem.T * problem.S > AUTO_BLOCKWISE_SCORES else "exact"
 
 
-def sharded_axes(query) -> frozenset[str]:
+def sharded_axes(query: jax.Array) -> frozenset[str]:
     """Which of the query's T and H axes ([B, T, N, H]) are sharded, where that is known: a
     concrete array's NamedSharding, or the type of a traced one under explicit sharding."""
     if isinstance(query, jax.core.Tracer):
@@ -142,18 +152,21 @@ def sharded_axes(query) -> frozenset[str]:
     return frozenset(name for name, axis in (("T", 1), ("H", 3)) if spec[axis] is not None)
 
 
-def via_jax_nn(implementation, spec: kernels.Spec, query, key, value, bias, mask, q_lens,
-               kv_lens, scale):
-    """``jax.nn.dot_product_attention`` on [B, T, N, H] inputs: (out, lse [B, T, N]).
+def via_jax_nn(implementation: str, spec: kernels.Spec,
+               a: Arrays) -> tuple[jax.Array, jax.Array]:
+    """``jax.nn.dot_product_attention`` on a normalised call: (out, lse [B, T, N]).
 
     Rows with no visible key are set to zeros (lse -inf), as in our implementations: jax.nn
     returns the mean of the values there.
     """
+    query, key, mask = a.query, a.key, a.mask
     T, S = query.shape[1], key.shape[1]
+    q_lens, kv_lens = a.q_lens, a.kv_lens
     q_lens = None if q_lens is None else jnp.clip(q_lens, 0, T).astype(jnp.int32)
     kv_lens = None if kv_lens is None else jnp.clip(kv_lens, 0, S).astype(jnp.int32)
-    out, lse = jax.nn.dot_product_attention(
-        query, key, value, bias, mask, scale=scale, is_causal=spec.is_causal,
+    jax_nn: Any = jax.nn.dot_product_attention  # its overloads want a literal implementation
+    out, lse = jax_nn(
+        query, key, a.value, a.bias, mask, scale=a.scale, is_causal=spec.is_causal,
         query_seq_lengths=q_lens, key_value_seq_lengths=kv_lens,
         local_window_size=spec.window, implementation=implementation, return_residual=True)
     pairs = kernels.valid(spec, 0, T, 0, S, None if q_lens is None else q_lens[:, None, None],

@@ -11,8 +11,11 @@ dropout to the probabilities and sows them when given ``module``; so does this o
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from transformer_jax.attention.api import attention_weights, dot_product_attention
 
@@ -29,13 +32,20 @@ def _flat_batch(x, batch: tuple[int, ...], core: int):
     return x.reshape((math.prod(batch),) + x.shape[len(batch):])
 
 
-def flax_attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout: bool = True,
-                      dropout_rng=None, dropout_rate: float = 0.0, deterministic: bool = False,
-                      dtype=None, precision=None, module=None,
-                      force_fp32_for_softmax: bool = False, einsum_dot_general=None,
-                      qk_attn_weights_einsum=None, attn_weights_value_einsum=None,
-                      is_causal: bool = False):
+def flax_attention_fn(query: ArrayLike, key: ArrayLike, value: ArrayLike,
+                      bias: ArrayLike | None = None, mask: ArrayLike | None = None,
+                      broadcast_dropout: bool = True, dropout_rng: ArrayLike | None = None,
+                      dropout_rate: float = 0.0, deterministic: bool = False, dtype: Any = None,
+                      precision: Any = None, module: Any = None,
+                      force_fp32_for_softmax: bool = False, einsum_dot_general: Any = None,
+                      qk_attn_weights_einsum: Any = None, attn_weights_value_einsum: Any = None,
+                      is_causal: bool = False) -> jax.Array:
     """``flax.linen.dot_product_attention``'s interface on our kernel.
+
+    softmax(Q Kᵀ / √H + bias, masked) V with Flax's argument names, its float masks, any number
+    of leading batch axes and dropout on the probabilities. Pass it as ``attention_fn=`` to
+    ``nn.MultiHeadDotProductAttention`` or ``nnx.MultiHeadAttention``. Shapes use T query
+    length, S key length, N query heads, K key/value heads, H head dim.
 
     Args:
       query: [batch..., T, N, H]; key, value: [batch..., S, K, H] (N a multiple of K).
@@ -47,8 +57,10 @@ def flax_attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout
       dropout_rate: dropout on the attention probabilities, applied unless ``deterministic``.
       deterministic: no dropout.
       dtype: the dtype q, k, v are cast to (default: the one they promote to).
-      precision, einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum: must be
-        None (the kernel's matmuls take float32 accumulation and no custom einsum).
+      precision: precision of the matmuls, as Flax passes it to its einsums (None, a
+        ``jax.lax.Precision`` or its name such as "highest", or a pair).
+      einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum: must be None (the
+        kernel runs its own float32-accumulating matmuls, not a custom einsum).
       module: when given, the probabilities are sown into its "intermediates" collection as
         ``attention_weights`` [batch..., N, T, S], as Flax does.
       force_fp32_for_softmax: accepted; the softmax is always float32 here.
@@ -56,9 +68,18 @@ def flax_attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout
 
     Returns:
       [batch..., T, N, H].
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from transformer_jax.attention import flax_attention_fn
+      >>> mha = nnx.MultiHeadAttention(num_heads=4, in_features=32, decode=False,
+      ...                              attention_fn=flax_attention_fn, rngs=nnx.Rngs(0))
+      >>> mha(jnp.ones((2, 10, 32))).shape
+      (2, 10, 32)
     """
     del force_fp32_for_softmax  # always float32 here
-    for name, given in (("precision", precision), ("einsum_dot_general", einsum_dot_general),
+    for name, given in (("einsum_dot_general", einsum_dot_general),
                         ("qk_attn_weights_einsum", qk_attn_weights_einsum),
                         ("attn_weights_value_einsum", attn_weights_value_einsum)):
         if given is not None:
@@ -79,7 +100,7 @@ def flax_attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout
     rate = 0.0 if deterministic else float(dropout_rate)
     out = dot_product_attention(query, key, value, bias, mask, is_causal=is_causal,
                                 dropout_rate=rate, dropout_rng=dropout_rng,
-                                dropout_broadcast=bool(broadcast_dropout))
+                                dropout_broadcast=bool(broadcast_dropout), precision=precision)
     if module is not None:
         weights = attention_weights(query, key, bias, mask, is_causal=is_causal)
         weights = weights.reshape(batch + weights.shape[-3:]).astype(dtype)

@@ -3,8 +3,8 @@
 Internal: the public, validated entry points live in :mod:`~transformer_jax.attention.api`.
 Everything here works on ONE example in the grouped layout ``q[K, G, T, H]``, ``k/v[K, S, H]``
 (G = N // K query heads share a key/value head), with masks/biases as ``[Kb, Gb, Tb, Sb]``
-arrays whose axes are either full or 1 (broadcast). Pure JAX: importing this module never
-imports Flax.
+arrays whose axes are either full or 1 (broadcast), all held in one :class:`Operands`. Pure
+JAX: importing this module never imports Flax.
 
 Both implementations compute in float32 (float64 for float64 inputs: :func:`compute_dtype`)
 and return the output in that dtype with the row log-sum-exp ``lse`` (``-inf`` for a row with
@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +34,13 @@ from jax.extend.random import threefry2x32_p
 
 from transformer_jax.attention import random_bits
 
-# The exact path splits causal/local rows into at most this many query chunks of at least
-# _MIN_CHUNK rows: enough to skip most of the masked triangle, few enough to compile quickly.
+# The exact path splits rows whose keys are bounded into query chunks of at least _MIN_CHUNK
+# rows, each touching only the keys its rows may see. Every chunk is compiled separately (its
+# forward, tangent and transpose), so compile time grows with their number. A causal mask gets
+# two halves: they skip a quarter of the scores, and more chunks would skip at most another
+# quarter at a compile cost well above jax.nn's. A window bounded on both sides saves far more
+# per chunk, so it gets up to _MAX_CHUNKS.
+_CAUSAL_CHUNKS = 2
 _MAX_CHUNKS = 8
 _MIN_CHUNK = 128
 # Floor for a row's running max: far below any real logit, far above -inf.
@@ -52,6 +57,26 @@ class Spec:
     block_k: int
     dropout_rate: float = 0.0
     dropout_broadcast: bool = False  # one dropout mask shared by every example and head
+    precision: Any = None  # of every matmul (a jax.lax.Precision, or a pair of them), as jnp
+
+
+class Operands(NamedTuple):
+    """One example's arrays in the grouped layout (a pytree; ``None`` where absent).
+
+    The kernels take this one tuple instead of nine positional arrays; a tile's computation
+    passes a copy whose ``q``/``k``/``v`` are the tile's rows and columns
+    (``ops._replace(q=..., k=...)``) while ``bias``/``mask`` stay whole and are sliced there.
+    """
+
+    q: jax.Array  # [K, G, T, H]
+    k: jax.Array  # [K, S, H]
+    v: jax.Array | None  # [K, S, H]; None when only the probabilities are wanted
+    bias: jax.Array | None  # [Kb, Gb, Tb, Sb]
+    scale: jax.Array | None  # logit scale, or None where it was folded into q
+    mask: jax.Array | None  # boolean [Kb, Gb, Tb, Sb]
+    q_len: jax.Array | None  # int scalar: queries at or beyond it are padding
+    kv_len: jax.Array | None  # int scalar: keys at or beyond it are padding
+    seeds: jax.Array | None  # uint32 [K, G] dropout seeds, or None without dropout
 
 
 class Tangents(NamedTuple):
@@ -64,13 +89,13 @@ class Tangents(NamedTuple):
     scale: jax.Array | None
 
 
-def compute_dtype(x):
+def compute_dtype(x: jax.Array) -> Any:
     """The dtype logits, softmax and outputs are computed in: float32, or float64 for float64
     inputs (as ``jax.nn``, which promotes the query's dtype with float32)."""
     return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def nonzero_tangents(tangents) -> Tangents:
+def nonzero_tangents(tangents: Operands) -> Tangents:
     """The float inputs' tangents of a ``custom_jvp`` rule with ``symbolic_zeros=True``, in
     the compute dtype: cast here, once, the transposed rule sums every block's cotangents in
     that dtype and rounds them to the inputs' dtype once, at the end (not block by block)."""
@@ -119,23 +144,26 @@ def slice_2d(x, row0, rows: int, col0, cols: int):
     return x
 
 
-def scores(spec, q, k, bias, scale, mask, q_len, kv_len, row0, col0, masked=True):
-    """Logits [K, G, rows, cols] (compute dtype) of q[K, G, rows, H] against k[K, cols, H].
+def scores(spec: Spec, tile: Operands, row0, col0, masked: bool = True) -> jax.Array:
+    """Logits [K, G, rows, cols] (compute dtype) of ``tile.q`` [K, G, rows, H] against
+    ``tile.k`` [K, cols, H], whose first row and column are (row0, col0).
 
-    ``bias``/``mask`` are the whole [Kb, Gb, Tb, Sb] arrays, sliced here at (row0, col0). Pairs
-    the masks rule out are -inf; with ``masked=False`` nothing is masked.
+    ``tile.bias``/``tile.mask`` are the whole [Kb, Gb, Tb, Sb] arrays, sliced here. Pairs the
+    masks rule out are -inf; with ``masked=False`` nothing is masked.
     """
+    q, k = tile.q, tile.k
     rows, cols = q.shape[2], k.shape[1]
-    s = jnp.einsum("kgth,ksh->kgts", q, k, preferred_element_type=compute_dtype(q))
-    if scale is not None:
-        s = s * scale
-    if bias is not None:
-        s = s + slice_2d(bias, row0, rows, col0, cols).astype(s.dtype)
+    s = jnp.einsum("kgth,ksh->kgts", q, k, preferred_element_type=compute_dtype(q),
+                   precision=spec.precision)
+    if tile.scale is not None:
+        s = s * tile.scale
+    if tile.bias is not None:
+        s = s + slice_2d(tile.bias, row0, rows, col0, cols).astype(s.dtype)
     if not masked:
         return s
-    ok = valid(spec, row0, rows, col0, cols, q_len, kv_len)
-    if mask is not None:
-        ok = ok & slice_2d(mask, row0, rows, col0, cols)
+    ok = valid(spec, row0, rows, col0, cols, tile.q_len, tile.kv_len)
+    if tile.mask is not None:
+        ok = ok & slice_2d(tile.mask, row0, rows, col0, cols)
     return jnp.where(ok, s, -jnp.inf)
 
 
@@ -182,23 +210,27 @@ def _add(a, b):
     return b if a is None else a + b
 
 
-def tangent_tile(p, drop, q, k, v, scale, t: Tangents):
+def tangent_tile(p, drop, tile: Operands, t: Tangents, precision=None):
     """One tile's share of the output tangent: ``(Σ_s p̃ v̇ + Σ_s p̃ ṡ v, Σ_s p ṡ)``.
 
     ``p`` [K, G, rows, cols] holds the tile's normalised probabilities (0 where masked),
     ``drop`` the dropout multipliers (p̃ = p · drop) or None, ``ṡ = scale (q̇ kᵀ + q k̇ᵀ) +
-    ṡcale q kᵀ + ḃ`` the logits' tangent and ``t`` the tile's tangents (its bias tangent
-    sliced to the tile; the value tangent transposed, [K, H, cols], so that the transpose's
+    ṡcale q kᵀ + ḃ`` the logits' tangent, ``tile`` the tile's q, k, v and scale and ``t``
+    the tile's tangents (its bias tangent sliced to the tile; the value tangent transposed,
+    [K, H, cols], so that the transpose's
     product p̃ᵀ · dO comes out as a plain [H, rows] x [rows, cols] matmul, which XLA's CPU
-    backend hands to its fast matmul library). With o = Σ_s p̃ v and ṗ = p (ṡ - Σ_s p ṡ), the output tangent is the first term
-    minus ``(Σ_s p ṡ) · o``; the second term is also the tangent of the row's log-sum-exp.
+    backend hands to its fast matmul library). With o = Σ_s p̃ v and ṗ = p (ṡ - Σ_s p ṡ), the
+    output tangent is the first term minus ``(Σ_s p ṡ) · o``; the second term is also the
+    tangent of the row's log-sum-exp.
     Everything is in the compute dtype (``p``'s), so JAX's transpose of it is an accurate
     backward pass.
     """
     ct = p.dtype
+    q, k, v, scale = tile.q, tile.k, tile.v, tile.scale
+    assert v is not None
 
     def qk(a, b):
-        return jnp.einsum("kgth,ksh->kgts", a.astype(ct), b.astype(ct))
+        return jnp.einsum("kgth,ksh->kgts", a.astype(ct), b.astype(ct), precision=precision)
 
     ds = None
     if t.q is not None:
@@ -216,10 +248,10 @@ def tangent_tile(p, drop, q, k, v, scale, t: Tangents):
         pds = p * ds
         lse_t = jnp.sum(pds, axis=-1)
         pds = pds if drop is None else pds * drop
-        acc = jnp.einsum("kgts,ksh->kgth", pds, v.astype(ct))
+        acc = jnp.einsum("kgts,ksh->kgth", pds, v.astype(ct), precision=precision)
     if t.v is not None:
         pv = p if drop is None else p * drop
-        acc = _add(acc, jnp.einsum("kgts,khs->kgth", pv, t.v))
+        acc = _add(acc, jnp.einsum("kgts,khs->kgth", pv, t.v, precision=precision))
     return acc, lse_t
 
 
@@ -237,16 +269,21 @@ def output_tangent(acc, lse_t, out):
 # --------------------------------------------------------------------------------------
 
 
-def row_chunks(spec: Spec, T, S) -> list[tuple[int, int, int, int]]:
+def row_chunks(spec: Spec, T, S) -> list[tuple[Any, Any, Any, Any]]:
     """Static (row0, row1, col0, col1) chunks covering every key each query may see.
 
-    Symbolic T or S (``jax.export``) get one chunk: its bounds are not known here.
+    Symbolic T or S (``jax.export``) get one chunk: its bounds are not known here (hence
+    ``Any``: the bounds are ints or symbolic dimensions).
     """
     if not isinstance(T, (int, np.integer)) or not isinstance(S, (int, np.integer)):
         return [(0, T, 0, S)]
     below, above = band(spec)
-    structured = below is not None or above is not None
-    n = min(_MAX_CHUNKS, T // _MIN_CHUNK) if structured else 1
+    if below is not None:
+        n = min(_MAX_CHUNKS, T // _MIN_CHUNK)
+    elif above is not None:
+        n = min(_CAUSAL_CHUNKS, T // _MIN_CHUNK)
+    else:
+        n = 1
     n = max(n, 1)
     bounds = [round(i * T / n) for i in range(n + 1)]
     chunks = []
@@ -257,7 +294,7 @@ def row_chunks(spec: Spec, T, S) -> list[tuple[int, int, int, int]]:
     return chunks
 
 
-def _softmax(s):
+def softmax_parts(s: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(unnormalised probabilities, row sums, log-sum-exp) of logits [..., cols].
 
     Softmax is shift-invariant, so the max needs no gradient. An all-masked row has max -inf:
@@ -270,86 +307,95 @@ def _softmax(s):
     return p, denom, lse
 
 
-def _over_rows(spec, q, k, chunk, empty):
+def _over_rows(spec: Spec, ops: Operands, chunk, empty) -> tuple[jax.Array, ...]:
     """Concatenate the tuples ``chunk(r0, r1, c0, c1)`` over the row chunks (axis 2); a chunk
     with no visible key gets ``empty(rows)`` without computing anything."""
     parts = []
-    for r0, r1, c0, c1 in row_chunks(spec, q.shape[2], k.shape[1]):
+    for r0, r1, c0, c1 in row_chunks(spec, ops.q.shape[2], ops.k.shape[1]):
         width = c1 - c0
         none_visible = isinstance(width, (int, np.integer)) and width == 0
         parts.append(empty(r1 - r0) if none_visible else chunk(r0, r1, c0, c1))
     return tuple(jnp.concatenate(xs, axis=2) if len(xs) > 1 else xs[0] for xs in zip(*parts))
 
 
-def _normalised(spec, q, k, bias, scale, mask, q_len, kv_len, r0, r1, c0, c1):
-    """(probabilities [K, G, rows, cols], lse [K, G, rows]) of rows r0:r1 over keys c0:c1."""
-    s = scores(spec, q[:, :, r0:r1], k[:, c0:c1], bias, scale, mask, q_len, kv_len, r0, c0)
-    p, denom, lse = _softmax(s)
+def _tile(ops: Operands, r0, r1, c0, c1) -> Operands:
+    """Rows r0:r1 of q and columns c0:c1 of k and v (bias and mask stay whole)."""
+    return ops._replace(q=ops.q[:, :, r0:r1], k=ops.k[:, c0:c1],
+                        v=None if ops.v is None else ops.v[:, c0:c1])
+
+
+def _normalised(spec: Spec, tile: Operands, r0, c0) -> tuple[jax.Array, jax.Array]:
+    """(probabilities [K, G, rows, cols], lse [K, G, rows]) of one tile."""
+    p, denom, lse = softmax_parts(scores(spec, tile, r0, c0))
     return p / jnp.where(denom > 0, denom, 1.0)[..., None], lse
 
 
-def _exact_forward(spec, q, k, v, bias, scale, mask, q_len, kv_len, seeds):
-    Kh, G, _, H = q.shape
+def _pv(spec: Spec, p, drop, v) -> jax.Array:
+    """Σ_s p̃ v: [K, G, rows, cols] x [K, cols, H] -> [K, G, rows, H], p̃ = p · drop."""
+    return jnp.einsum("kgts,ksh->kgth", p if drop is None else p * drop, v.astype(p.dtype),
+                      precision=spec.precision)
+
+
+def _exact_forward(spec: Spec, ops: Operands) -> tuple[jax.Array, jax.Array]:
+    Kh, G, _, H = ops.q.shape
 
     def chunk(r0, r1, c0, c1):
-        s = scores(spec, q[:, :, r0:r1], k[:, c0:c1], bias, scale, mask, q_len, kv_len, r0, c0)
-        p, denom, lse = _softmax(s)
-        drop = dropout_multiplier(spec, seeds, r0, r1 - r0, c0, c1 - c0)
+        tile = _tile(ops, r0, r1, c0, c1)
+        p, denom, lse = softmax_parts(scores(spec, tile, r0, c0))
+        drop = dropout_multiplier(spec, ops.seeds, r0, r1 - r0, c0, c1 - c0)
         # Normalise after the PV product: a [rows, H] divide instead of a [rows, cols] one.
-        o = jnp.einsum("kgts,ksh->kgth", p if drop is None else p * drop,
-                       v[:, c0:c1].astype(p.dtype))
+        o = _pv(spec, p, drop, tile.v)
         return o / jnp.where(denom > 0, denom, 1.0)[..., None], lse
 
     def empty(rows):
-        return (jnp.zeros((Kh, G, rows, H), compute_dtype(q)),
-                jnp.full((Kh, G, rows), -jnp.inf, compute_dtype(q)))
+        return (jnp.zeros((Kh, G, rows, H), compute_dtype(ops.q)),
+                jnp.full((Kh, G, rows), -jnp.inf, compute_dtype(ops.q)))
 
-    return _over_rows(spec, q, k, chunk, empty)
+    out, lse = _over_rows(spec, ops, chunk, empty)
+    return out, lse
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def exact(spec, q, k, v, bias, scale, mask, q_len, kv_len, seeds):
+def exact(spec: Spec, ops: Operands) -> tuple[jax.Array, jax.Array]:
     """Exact attention on the grouped layout: (out [K, G, T, H], lse [K, G, T]), compute dtype."""
-    return _exact_forward(spec, q, k, v, bias, scale, mask, q_len, kv_len, seeds)
+    return _exact_forward(spec, ops)
 
 
-def _exact_jvp(spec, primals, tangents):
-    q, k, v, bias, scale, mask, q_len, kv_len, seeds = primals
-    t = nonzero_tangents(tangents)
-    Kh, G, _, H = q.shape
+def _exact_jvp(spec: Spec, primals, tangents):
+    (ops,), t = primals, nonzero_tangents(tangents[0])
+    Kh, G, _, H = ops.q.shape
 
     def chunk(r0, r1, c0, c1):
-        p, lse = _normalised(spec, q, k, bias, scale, mask, q_len, kv_len, r0, r1, c0, c1)
-        drop = dropout_multiplier(spec, seeds, r0, r1 - r0, c0, c1 - c0)
-        out = jnp.einsum("kgts,ksh->kgth", p if drop is None else p * drop,
-                         v[:, c0:c1].astype(p.dtype))
-        tile = Tangents(None if t.q is None else t.q[:, :, r0:r1],
-                        None if t.k is None else t.k[:, c0:c1],
-                        None if t.v is None else jnp.swapaxes(t.v[:, c0:c1], 1, 2),
-                        slice_2d(t.bias, r0, r1 - r0, c0, c1 - c0), t.scale)
-        acc, lse_t = tangent_tile(p, drop, q[:, :, r0:r1], k[:, c0:c1], v[:, c0:c1], scale,
-                                  tile)
+        tile = _tile(ops, r0, r1, c0, c1)
+        p, lse = _normalised(spec, tile, r0, c0)
+        drop = dropout_multiplier(spec, ops.seeds, r0, r1 - r0, c0, c1 - c0)
+        out = _pv(spec, p, drop, tile.v)
+        tile_t = Tangents(None if t.q is None else t.q[:, :, r0:r1],
+                          None if t.k is None else t.k[:, c0:c1],
+                          None if t.v is None else jnp.swapaxes(t.v[:, c0:c1], 1, 2),
+                          slice_2d(t.bias, r0, r1 - r0, c0, c1 - c0), t.scale)
+        acc, lse_t = tangent_tile(p, drop, tile, tile_t, spec.precision)
         return (out, lse) + output_tangent(acc, lse_t, out)
 
     def empty(rows):
-        zeros = jnp.zeros((Kh, G, rows, H), compute_dtype(q))
+        zeros = jnp.zeros((Kh, G, rows, H), compute_dtype(ops.q))
         return zeros, jnp.full_like(zeros[..., 0], -jnp.inf), zeros, zeros[..., 0]
 
-    out, lse, out_t, lse_t = _over_rows(spec, q, k, chunk, empty)
+    out, lse, out_t, lse_t = _over_rows(spec, ops, chunk, empty)
     return (out, lse), (out_t, lse_t)
 
 
 exact.defjvp(_exact_jvp, symbolic_zeros=True)
 
 
-def probabilities(spec, q, k, bias, scale, mask, q_len, kv_len):
+def probabilities(spec: Spec, ops: Operands) -> jax.Array:
     """Attention probabilities [K, G, T, S] (compute dtype; rows with no visible key are 0)."""
-    Kh, G, T, _ = q.shape
-    S = k.shape[1]
+    Kh, G = ops.q.shape[:2]
+    S = ops.k.shape[1]
 
     def chunk(r0, r1, c0, c1):
-        p, _ = _normalised(spec, q, k, bias, scale, mask, q_len, kv_len, r0, r1, c0, c1)
+        p, _ = _normalised(spec, _tile(ops, r0, r1, c0, c1), r0, c0)
         return (jnp.pad(p, ((0, 0), (0, 0), (0, 0), (c0, S - c1))),)
 
-    return _over_rows(spec, q, k, chunk,
-                      lambda rows: (jnp.zeros((Kh, G, rows, S), compute_dtype(q)),))[0]
+    return _over_rows(spec, ops, chunk,
+                      lambda rows: (jnp.zeros((Kh, G, rows, S), compute_dtype(ops.q)),))[0]

@@ -5,11 +5,10 @@ dropout (:mod:`transformer_jax.models.dropout`) both draw their masks here.
 
 Why a hash and not ``jax.random``: ``jax.random.bits`` / ``bernoulli`` use the threefry-2x32
 generator, which XLA's CPU backend lowers as a rolled loop of its rounds that does not fuse with
-the op applying the mask. On a 2-core Xeon the attention kernel's forward + backward (B 16, N 6,
-T 256, H 64, causal) took 96 ms without dropout and 235 ms with rate 0.1 drawn per element
-by threefry. The hash below is a few integer multiplies and shifts per element, which XLA fuses
-into the element-wise op that uses the mask, on any backend: 99.5 ms with it (94.2 without, in
-that run).
+the op applying the mask, so drawing a bit per probability costs more than the attention it
+masks. The hash below is a few integer multiplies and shifts per element, which XLA fuses into
+the element-wise op that uses the mask, on any backend (the cost of dropout in the kernel is
+the "exact, dropout 0.1" row of ``benchmarks/attention.py``).
 
 The hash is ``lowbias32`` (C. Wellons, "Prospecting for Hash Functions", 2018: two
 multiply-xorshift rounds, a full-avalanche 32-bit permutation). The row is hashed with the seed
