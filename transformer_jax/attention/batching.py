@@ -138,12 +138,39 @@ def _problem(call: Call) -> dispatch.Problem:
         sharded=dispatch.sharded_axes(a.query), precision=call.spec.precision is not None)
 
 
+def _via_jax_nn(implementation: str, spec: kernels.Spec,
+               a: Arrays) -> tuple[jax.Array, jax.Array]:
+    """``jax.nn.dot_product_attention`` on a normalised call: (out, lse [B, T, N]).
+
+    Rows with no visible key are set to zeros (lse -inf), as in our implementations: jax.nn
+    returns the mean of the values there.
+    """
+    query, key, mask = a.query, a.key, a.mask
+    T, S = query.shape[1], key.shape[1]
+    q_lens, kv_lens = a.q_lens, a.kv_lens
+    q_lens = None if q_lens is None else jnp.clip(q_lens, 0, T).astype(jnp.int32)
+    kv_lens = None if kv_lens is None else jnp.clip(kv_lens, 0, S).astype(jnp.int32)
+    jax_nn: Any = jax.nn.dot_product_attention  # its overloads want a literal implementation
+    out, lse = jax_nn(
+        query, key, a.value, a.bias, mask, scale=a.scale, is_causal=spec.is_causal,
+        query_seq_lengths=q_lens, key_value_seq_lengths=kv_lens,
+        local_window_size=spec.window, implementation=implementation, return_residual=True)
+    pairs = kernels.valid(spec, 0, T, 0, S, None if q_lens is None else q_lens[:, None, None],
+                          None if kv_lens is None else kv_lens[:, None, None])
+    pairs = jnp.broadcast_to(pairs, (query.shape[0], T, S))[:, None]  # [B, 1, T, S]
+    if mask is not None:
+        pairs = pairs & jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
+    seen = jnp.any(pairs, axis=-1).transpose(0, 2, 1)  # [B, T, 1 or N]
+    out = jnp.where(seen[..., None], out, jnp.zeros((), out.dtype))
+    return out, jnp.where(seen, lse.astype(jnp.float32), -jnp.inf)
+
+
 def run(call: Call, implementation: str | None, return_residual: bool):
     """The attention output of a normalised call (and the residual when asked); one example
     (``call.batched`` False) loses its batch axis again."""
     impl = dispatch.choose_implementation(implementation, _problem(call))
     if impl in ("xla", "cudnn"):
-        out, lse = dispatch.via_jax_nn(impl, call.spec, call.arrays)
+        out, lse = _via_jax_nn(impl, call.spec, call.arrays)
     else:
         out, lse = _batched(call.spec, impl, call.arrays)
     if not call.batched:

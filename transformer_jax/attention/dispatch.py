@@ -1,4 +1,4 @@
-"""Which implementation runs a call, and the two that are ``jax.nn``'s.
+"""Which implementation runs a call: ours, or one of the two that are ``jax.nn``'s.
 
 ``implementation=`` takes "exact" and "blockwise" (ours, :mod:`~transformer_jax.attention.kernels`
 and :mod:`~transformer_jax.attention.blockwise`), "xla" and "cudnn" (passed through to
@@ -12,16 +12,10 @@ else ours by size. :func:`cudnn_unsupported` is the pure decision, given a :clas
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from transformer_jax.attention import kernels
-
-if TYPE_CHECKING:  # checks imports this module's IMPLEMENTATIONS
-    from transformer_jax.attention.checks import Arrays
 
 IMPLEMENTATIONS = ("exact", "blockwise", "xla", "cudnn")
 #: Above this many scores per (example, head) ``implementation=None`` picks "blockwise" (off a
@@ -150,30 +144,3 @@ def sharded_axes(query: jax.Array) -> frozenset[str]:
         spec = getattr(getattr(query, "sharding", None), "spec", None)
     spec = tuple(spec or ()) + (None,) * 4
     return frozenset(name for name, axis in (("T", 1), ("H", 3)) if spec[axis] is not None)
-
-
-def via_jax_nn(implementation: str, spec: kernels.Spec,
-               a: Arrays) -> tuple[jax.Array, jax.Array]:
-    """``jax.nn.dot_product_attention`` on a normalised call: (out, lse [B, T, N]).
-
-    Rows with no visible key are set to zeros (lse -inf), as in our implementations: jax.nn
-    returns the mean of the values there.
-    """
-    query, key, mask = a.query, a.key, a.mask
-    T, S = query.shape[1], key.shape[1]
-    q_lens, kv_lens = a.q_lens, a.kv_lens
-    q_lens = None if q_lens is None else jnp.clip(q_lens, 0, T).astype(jnp.int32)
-    kv_lens = None if kv_lens is None else jnp.clip(kv_lens, 0, S).astype(jnp.int32)
-    jax_nn: Any = jax.nn.dot_product_attention  # its overloads want a literal implementation
-    out, lse = jax_nn(
-        query, key, a.value, a.bias, mask, scale=a.scale, is_causal=spec.is_causal,
-        query_seq_lengths=q_lens, key_value_seq_lengths=kv_lens,
-        local_window_size=spec.window, implementation=implementation, return_residual=True)
-    pairs = kernels.valid(spec, 0, T, 0, S, None if q_lens is None else q_lens[:, None, None],
-                          None if kv_lens is None else kv_lens[:, None, None])
-    pairs = jnp.broadcast_to(pairs, (query.shape[0], T, S))[:, None]  # [B, 1, T, S]
-    if mask is not None:
-        pairs = pairs & jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
-    seen = jnp.any(pairs, axis=-1).transpose(0, 2, 1)  # [B, T, 1 or N]
-    out = jnp.where(seen[..., None], out, jnp.zeros((), out.dtype))
-    return out, jnp.where(seen, lse.astype(jnp.float32), -jnp.inf)
