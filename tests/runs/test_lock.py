@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from transformer_jax.parallel import distributed
 from transformer_jax.runs import lock
 
 ROOT = Path(__file__).resolve().parents[2]
 
 HOLDER = """
 import sys, time
+from transformer_jax.parallel import distributed
 from transformer_jax.runs import lock
 with lock.hold(sys.argv[1]):
     print("held", flush=True)
@@ -128,3 +130,51 @@ def test_a_directory_made_for_the_lock_goes_with_it_unless_something_was_written
     with lock.hold(tmp_path / "a" / "run"):
         (tmp_path / "a" / "run" / "config.json").write_text("{}")
     assert [p.name for p in (tmp_path / "a" / "run").iterdir()] == ["config.json"]
+
+
+@pytest.fixture
+def two_processes(monkeypatch):
+    """This process as one of a two-process run: ``set_lead`` picks which; the all-gather of
+    ``distributed.from_lead`` is replaced by a record of what process 0 sent (``sent``) and
+    ``received``, what the others get."""
+    sent, received = [], [""]
+
+    def from_lead(text=""):
+        if distributed.is_lead():
+            sent.append(text)
+            return text
+        return received[0]
+
+    monkeypatch.setattr(distributed, "from_lead", from_lead)
+    lead = [True]
+    monkeypatch.setattr(distributed, "is_lead", lambda: lead[0])
+
+    def set_lead(value):
+        lead[0] = value
+
+    return set_lead, sent, received
+
+
+def test_process_0_refused_sends_its_message_to_the_others(tmp_path, holder, two_processes):
+    set_lead, sent, received = two_processes
+    run_dir = tmp_path / "run"
+    holder(run_dir)
+    with pytest.raises(lock.RunLocked) as caught, lock.hold_lead(run_dir):
+        pytest.fail("process 0 got the lock")
+    assert sent == [f"RunLocked:{caught.value}"]
+    set_lead(False)  # another process: the same error, the same message
+    received[0] = sent[0]
+    with pytest.raises(lock.RunLocked) as other, lock.hold_lead(run_dir):
+        pytest.fail("process 1 went on")
+    assert str(other.value) == str(caught.value)
+
+
+def test_process_0_holding_the_lock_lets_the_others_go_on(tmp_path, two_processes):
+    set_lead, sent, _ = two_processes
+    with lock.hold_lead(tmp_path / "run"):
+        assert (tmp_path / "run" / lock.LOCK).exists()
+        set_lead(False)
+        with lock.hold_lead(tmp_path / "run"):  # the others take no lock
+            pass
+        set_lead(True)
+    assert sent == [""] and not (tmp_path / "run").exists()

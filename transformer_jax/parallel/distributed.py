@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import re
 import signal
+import struct
 import sys
 import time
 from pathlib import Path
@@ -124,7 +126,9 @@ def any_process(flag: bool) -> bool:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+    flags = multihost_utils.process_allgather(np.asarray(flag))
+    _seen_all_now()
+    return bool(np.any(flags))
 
 
 def from_lead(text: str = "", limit: int = 4096) -> str:
@@ -140,6 +144,7 @@ def from_lead(text: str = "", limit: int = 4096) -> str:
 
     data = text.encode()[:limit].ljust(limit, b"\0")
     rows = multihost_utils.process_allgather(np.frombuffer(data, np.uint8))
+    _seen_all_now()
     return bytes(np.asarray(rows).reshape(-1, limit)[0]).rstrip(b"\0").decode(errors="replace")
 
 
@@ -151,6 +156,23 @@ _RUNTIME_LOG = re.compile(rb"^[EFW]\d{4} [\d:.]+\s+\d+ (coordination_service\w*|
                           rb"|preemption_sync_manager|service)\.(cc|h):\d+\]",
                           re.MULTILINE)
 _HOLD_S = 5.0  # held runtime lines are printed after all if the process still runs by then
+# When every process last answered an all-gather (time.time(); 0: not yet): shared between the
+# supervisor and the child (an anonymous mapping made before the fork), so that the line can
+# say how long ago the lost process was last seen.
+_last_seen: mmap.mmap | None = None
+
+
+def _seen_all_now() -> None:
+    if _last_seen is not None:
+        _last_seen[:8] = struct.pack("d", time.time())
+
+
+def _seen_ago() -> float | None:
+    """Seconds since every process last answered (``None``: not yet, or not supervised)."""
+    if _last_seen is None:
+        return None
+    then = struct.unpack("d", _last_seen[:8])[0]
+    return time.time() - then if then else None
 
 
 def supervise(coordinator: str | None, num_processes: int | None, checkpoints: os.PathLike,
@@ -171,8 +193,10 @@ def supervise(coordinator: str | None, num_processes: int | None, checkpoints: o
       heartbeat_timeout: ``--heartbeat-timeout`` (``None``: jax's default).
       prog: the command's name, first on the line.
     """
+    global _last_seen
     if coordinator is None or not hasattr(os, "fork"):
         return
+    _last_seen = mmap.mmap(-1, 8)
     sys.stdout.flush()
     sys.stderr.flush()
     if os.isatty(2):
@@ -191,6 +215,7 @@ def supervise(coordinator: str | None, num_processes: int | None, checkpoints: o
     os.close(write_fd)
     report = _Report(prog, coordinator, num_processes, Path(checkpoints),
                      heartbeat_timeout or DEFAULT_HEARTBEAT_TIMEOUT_S)
+    _forward_signals(child)
     status = _relay(child, read_fd, report)
     sys.stdout.flush()
     os._exit(status)
@@ -216,18 +241,23 @@ def _die_with(parent: int) -> None:
         os._exit(EXIT_PEER_LOST)
 
 
-def _relay(child: int, fd: int, report: _Report) -> int:
-    """Forward the child's stderr and signals until it ends; returns the exit status to use."""
-    import select
-
+def _forward_signals(child: int) -> None:
+    """SIGTERM and SIGHUP (a scheduler's) go on to the child; Ctrl-C reaches it by itself."""
     def forward(signum, frame):
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signum)
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, forward)
-    # Ctrl-C reaches the child from the terminal (same process group); sent by hand, forward it.
+    # A terminal's Ctrl-C goes to the whole foreground process group, the child included;
+    # a SIGINT sent to this process by hand is forwarded.
     signal.signal(signal.SIGINT, signal.SIG_IGN if _in_foreground() else forward)
+
+
+def _relay(child: int, fd: int, report: _Report) -> int:
+    """Forward the child's stderr until it ends; returns the exit status to use."""
+    import select
+
     held, held_at, status = b"", 0.0, None
     while True:
         ready = select.select([fd], [], [], 1.0)[0]
@@ -298,14 +328,16 @@ class _Report:
                 f"again with the same command; {resume} (exit status {EXIT_PEER_LOST})\n")
 
     def _who(self, text: str) -> tuple[str, str]:
+        ago = _seen_ago()
+        seen = ("last seen at start-up" if ago is None else
+                f"last seen {ago:.0f} s ago")  # the last step all processes took together
         found = re.search(r"stopped sending heartbeats\):\s*((?:\d+\s+)+)", text)
         if found:
             ids = found.group(1).split()
             who = f"process{'es' if len(ids) > 1 else ''} {', '.join(ids)}"
-            return who, f"no heartbeat for {self.heartbeat_timeout} s"
+            return who, f"{seen}; no heartbeat for {self.heartbeat_timeout} s"
         where = "" if self.coordinator == "auto" else f" at {self.coordinator}"
-        return (f"process 0 (the coordinator{where})",
-                "its connection to this process closed just now")
+        return f"process 0 (the coordinator{where})", f"{seen}; its connection closed"
 
 
 def _last_step(directory: Path) -> int | None:
