@@ -30,6 +30,9 @@ step() {  # step SECONDS NAME CMD...
 }
 step 210 transformer_vs_rnn python benchmarks/transformer_vs_rnn.py --out "$OUT/transformer_vs_rnn"
 step 120 attention python benchmarks/attention.py --bf16 --out "$OUT/attention"
+# Ring attention over the machine's accelerators (P = 1, 2, 4, ... up to their count), beside
+# the exact and blockwise paths on one; bounded like the rest.
+step 60 attention_ring python benchmarks/attention.py --ring --quick --out "$OUT/attention_ring"
 step 90 train_throughput python benchmarks/train_throughput.py --quick --out "$OUT/train_throughput"
 # gpt2-small bf16: memory, tokens/s and MFU for each --remat, scanned and not; compile time vs
 # depth, scanned and not.
