@@ -7,6 +7,8 @@
   12·L·T·D for Q·Kᵀ and A·V (not halved for the causal mask).
 * :func:`lm_flops_per_token`, :func:`seq2seq_flops_per_token`, :func:`rnn_flops_per_token`:
   that count for the language models, the encoder–decoder and the recurrent baselines.
+* :func:`rnn_seq2seq_num_params`, :func:`rnn_seq2seq_flops_per_token`: the attentional RNN
+  encoder–decoder (:class:`~transformer_jax.models.rnn_seq2seq.RNNSeq2Seq`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import numpy as np
 from transformer_jax.config import ModelConfig
 
 __all__ = ["count_params", "flops_per_token", "lm_flops_per_token", "num_params",
-           "rnn_flops_per_token", "seq2seq_flops_per_token"]
+           "rnn_flops_per_token", "rnn_seq2seq_flops_per_token", "rnn_seq2seq_num_params",
+           "seq2seq_flops_per_token"]
 
 ModelKind = Literal["encoder_decoder", "lm"]
 
@@ -90,12 +93,16 @@ def lm_flops_per_token(params: Any, cfg: ModelConfig, seq_len: int,
                            d_model=cfg.d_model)
 
 
-def seq2seq_flops_per_token(n_params: int, cfg: ModelConfig, tgt_len: int) -> float:
-    """Training FLOPs per target token of the encoder–decoder (an estimate).
+def seq2seq_flops_per_token(n_params: int, cfg: ModelConfig, tgt_len: int,
+                            model: str = "transformer") -> float:
+    """Training FLOPs per target token of the encoder–decoder ``model`` (an estimate).
 
-    Counts the encoder as if the source were as long as the target: 6·N for the weights and
-    12·L·T·D for the attention products of every attention layer (the decoder has two each).
+    Counts the encoder as if the source were as long as the target. The Transformer: 6·N for
+    the weights and 12·L·T·D for the attention products of every attention layer (the decoder
+    has two each). The recurrent ones ("lstm", "gru"): :func:`rnn_seq2seq_flops_per_token`.
     """
+    if model in ("lstm", "gru"):
+        return rnn_seq2seq_flops_per_token(cfg, model, src_len=tgt_len)
     layers = cfg.num_encoder_layers + 2 * cfg.num_decoder_layers
     return flops_per_token(n_params=n_params, n_layers=layers, seq_len=tgt_len,
                            d_model=cfg.d_model)
@@ -111,4 +118,51 @@ def rnn_flops_per_token(cfg: ModelConfig, cell_type: str = "lstm", *,
     gates = 4 if cell_type == "lstm" else 3
     D = cfg.d_model
     forward = cfg.num_decoder_layers * gates * 2 * D * (D + D) + 2 * D * cfg.vocab_size
+    return float(3 * forward if training else forward)
+
+
+def _rnn_cell_params(cell_type: str, d_in: int, d_h: int) -> int:
+    """Flax's cells: an LSTM has 4 gates of W_i [d_in, d_h], W_h [d_h, d_h] and a bias; a GRU
+    3 gates of W_i and W_h, biases on its 3 input matrices and on W_hn."""
+    if cell_type == "lstm":
+        return 4 * (d_in * d_h + d_h * d_h + d_h)
+    if cell_type == "gru":
+        return 3 * (d_in * d_h + d_h * d_h) + 4 * d_h
+    raise ValueError(f"cell_type must be 'lstm' or 'gru', got {cell_type!r}")
+
+
+def rnn_seq2seq_num_params(cfg: ModelConfig, cell_type: str = "lstm") -> int:
+    """Exact parameter count of the attentional RNN encoder–decoder of ``cfg``, from the formula.
+
+    The bidirectional first encoder layer has two cells of D/2, every other layer one of D; the
+    first decoder layer reads [embedding; h̃] (2D, input feeding); W_a [D, D] and W_c [2D, D]
+    have no bias; the embeddings are one V×D matrix when shared, else source, target and an
+    output projection (with a bias when ``use_bias``).
+    """
+    D, V = cfg.d_model, cfg.vocab_size
+    cell = lambda d_in, d_h: _rnn_cell_params(cell_type, d_in, d_h)
+    encoder = 2 * cell(D, D // 2) + (cfg.num_encoder_layers - 1) * cell(D, D)
+    decoder = cell(2 * D, D) + (cfg.num_decoder_layers - 1) * cell(D, D)
+    attention = D * D + 2 * D * D
+    embed = V * D if cfg.share_embeddings else 2 * V * D + D * V + int(cfg.use_bias) * V
+    return encoder + decoder + attention + embed
+
+
+def rnn_seq2seq_flops_per_token(cfg: ModelConfig, cell_type: str = "lstm", *, src_len: int,
+                                training: bool = True) -> float:
+    """Matmul FLOPs per target token of the attentional RNN encoder–decoder (an estimate).
+
+    2·d_in·d_out per weight matrix and token, counting the encoder once per target token (a
+    source as long as the target), plus 4·S·D for the attention scores and the context over
+    ``src_len`` = S source states. Training costs three times the forward pass.
+    """
+    gates = 4 if cell_type == "lstm" else 3
+    D, half = cfg.d_model, cfg.d_model // 2
+    matmul = lambda d_in, d_out: 2 * d_in * d_out
+    encoder = (2 * gates * (matmul(D, half) + matmul(half, half))
+               + (cfg.num_encoder_layers - 1) * gates * (matmul(D, D) + matmul(D, D)))
+    decoder = (gates * (matmul(2 * D, D) + matmul(D, D))
+               + (cfg.num_decoder_layers - 1) * gates * (matmul(D, D) + matmul(D, D)))
+    attention = matmul(D, D) + 4 * src_len * D + matmul(2 * D, D)  # W_a, a·h̄ and h·k, W_c
+    forward = encoder + decoder + attention + matmul(D, cfg.vocab_size)
     return float(3 * forward if training else forward)
