@@ -46,8 +46,8 @@ def _loss(fn, q, k, v):
 
 
 @pytest.mark.parametrize("impl,block", IMPLS)
-@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
-@pytest.mark.parametrize("kv_heads", [N, 4])  # 4: grouped-query, K sharded 4 ways too
+@pytest.mark.parametrize("axis_type,kv_heads", [  # kv_heads 4: grouped-query, K sharded too
+    (AxisType.Explicit, N), (AxisType.Explicit, 4), (AxisType.Auto, 4)])
 def test_sharded_inputs_under_jit_with_and_without_set_mesh(devices, axis_type, impl, block,
                                                             kv_heads):
     mesh = _mesh(devices, axis_type)

@@ -85,53 +85,43 @@ def dot_product_attention(
         + \mathrm{bias}) V
 
     over the pairs (query t, key s) that every mask allows. Shapes use B batch, T query length,
-    S key length, N query heads, K key/value heads (N a multiple of K), H head dim.
-
-    The "exact" implementation materialises the T×S scores; "blockwise" runs an online softmax
-    over key blocks and keeps memory linear in T and S, which makes it the one for long
-    sequences. Both give the same result to float32 rounding and differentiate in forward and
-    reverse mode, to any order.
+    S key length, N query heads, K key/value heads (N a multiple of K), H head dim. "exact"
+    materialises the T×S scores; "blockwise" keeps memory linear in T and S, for long sequences.
 
     Args:
       query: [B, T, N, H], or [T, N, H] for one example (then no batch axis anywhere).
       key: [B, S, K, H].
       value: [B, S, K, H].
-      bias: optional additive bias broadcastable to [B, N, T, S]; integer and boolean biases
-        are cast to float, as jax.nn adds them.
+      bias: optional additive bias broadcastable to [B, N, T, S] (integers cast, as jax.nn).
       mask: optional boolean mask broadcastable to [B, N, T, S]; True means "may attend".
       scale: logit scale, default 1/√H (§3.2.1: keeps the dot products' variance at 1 so the
         softmax does not saturate); a number or a one-element array, which may be traced and
         differentiated (a learnable temperature).
       is_causal: query t sees keys s <= t (top-left aligned, as ``jax.nn``).
-      query_seq_lengths: optional int [B] (a scalar or [1] for one example); queries at or
-        beyond the length are padding and their outputs are zeros. Lengths outside [0, T] are
-        clamped, eagerly and under ``jit`` alike (jax.nn's masks do the same).
+      query_seq_lengths: optional int [B] (a scalar for one example); queries at or beyond the
+        length are padding and give zeros. Lengths outside [0, T] are clamped, as by jax.nn.
       key_value_seq_lengths: optional int [B]; keys at or beyond the length are ignored, and
         neither they nor the values there reach the output or any gradient (NaN included).
       local_window_size: optional (left, right) sliding window, or one int for both, as jax.nn.
-      implementation: "exact" (materialised scores), "blockwise" (online softmax, linear
-        memory), "xla" or "cudnn" (jax.nn's two), or None: cuDNN on an NVIDIA GPU when it
-        supports the call, else exact up to 2048² scores per head and blockwise above, and
-        exact for symbolic shapes (``jax.export``).
+      implementation: "exact", "blockwise", "xla" or "cudnn" (jax.nn's two), or None: cuDNN
+        on an NVIDIA GPU when it supports the call, else exact up to 2048² scores per head and
+        blockwise above (exact for symbolic shapes, ``jax.export``).
       return_residual: also return the logits' log-sum-exp [B, T, N] (as jax.nn; -inf on rows
         with no visible key), without gradient.
       block_size: blockwise block size, an int or a (query, key) pair; default (512, 256).
       dropout_rate: dropout on the attention probabilities (``jax.nn`` has none); 0 is off.
       dropout_rng: a ``jax.random`` key, required when ``dropout_rate > 0``. The same key
         drops the same entries in "exact" and "blockwise", whatever the block size.
-      dropout_broadcast: one dropout mask shared by every example and head (Flax's
-        ``broadcast_dropout``).
-      precision: precision of the matmuls, as ``jnp.einsum`` takes it (None, a
-        ``jax.lax.Precision`` or its name such as "highest", or a pair); jax.nn has none, so
-        "xla" and "cudnn" refuse it.
+      dropout_broadcast: one dropout mask for every example and head (``broadcast_dropout``).
+      precision: of the matmuls, as ``jnp.einsum`` takes it ("highest", a
+        ``jax.lax.Precision`` or a pair); "xla" and "cudnn" (jax.nn) refuse it.
 
     Returns:
       [B, T, N, H] in the dtype of ``query`` ([T, N, H] for one example), and the residual
       when ``return_residual``.
 
     Raises:
-      ValueError: at trace time, naming the argument and the shapes it got. Wrong dtypes and
-        argument types raise a subclass of both ``ValueError`` (as jax.nn) and ``TypeError``.
+      ValueError: naming the argument and its shape (dtypes: a ValueError and TypeError).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -140,9 +130,8 @@ def dot_product_attention(
       >>> k = v = jnp.ones((2, 16, 2, 64))     # [B, S, K, H]: 2 key/value heads (GQA)
       >>> dot_product_attention(q, k, v, is_causal=True).shape
       (2, 16, 8, 64)
-      >>> out, lse = dot_product_attention(q, k, v, implementation="blockwise",
-      ...                                  block_size=8, return_residual=True)
-      >>> lse.shape
+      >>> dot_product_attention(q, k, v, implementation="blockwise", block_size=8,
+      ...                       return_residual=True)[1].shape   # lse [B, T, N]
       (2, 16, 8)
     """
     call = normalise(query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths,

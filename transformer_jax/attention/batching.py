@@ -6,7 +6,9 @@ The kernels (:mod:`~transformer_jax.attention.kernels`,
 (:func:`operands`), runs it under ``jax.vmap`` over the batch and compiles it with ``jax.jit``.
 Two computations share that path: the attention output (:func:`run`) and the probabilities
 alone (:func:`probabilities`, for ``attention_weights``). Mask and bias batch axes of size 1
-are broadcast by ``vmap`` (``in_axes=None``), not copied.
+are broadcast by ``vmap`` (``in_axes=None``), not copied. :func:`run` also passes a call to
+``jax.nn.dot_product_attention`` when :mod:`~transformer_jax.attention.dispatch` picks "xla"
+or "cudnn".
 
 Axis legend: B batch, T query length, S key length, N query heads, K key/value heads, H head
 dim, G = N // K.

@@ -13,9 +13,10 @@ step recomputes its probabilities from the saved log-sum-exp (FlashAttention-2's
 pass, Dao 2023). A step whose block the causal mask or the window hides entirely is skipped
 (a ``lax.cond`` per device), its send still made so the ring stays in step.
 
-Each step materialises one tile of scores, [B, N, T/P, S/P] in float32, so per-device memory
-falls as the square of P. The next block's send is issued before the step's matmuls, which
-lets XLA overlap the transfer with them.
+Within a step, the key/value block is consumed in sub-blocks of ``block_size`` keys with the
+same online softmax, so a step holds [B, N, T/P, block_size] scores at a time and per-device
+memory is O(T/P); sub-blocks the masks hide entirely are skipped too. The next block's send is
+issued before the step's matmuls, which lets XLA overlap the transfer with them.
 
 Axis legend: B batch, T query length, S key length, N query heads, K key/value heads, H head
 dim, G = N // K, P the size of the mesh axis.
@@ -43,6 +44,15 @@ class _Ring(NamedTuple):
     scale: float
     axis_name: str
     size: int  # P
+    block: int  # keys per sub-block within a step
+
+
+def _key_blocks(ring: _Ring, x):
+    """[B, K, Sk, H] -> [n, B, K, bk, H]: sub-blocks of ``bk`` keys, the largest divisor of Sk
+    that is at most ``ring.block``, along a leading axis for ``lax.scan``."""
+    B, K, Sk, H = x.shape
+    bk = max(d for d in range(1, min(ring.block, Sk) + 1) if Sk % d == 0)
+    return jnp.moveaxis(x.reshape(B, K, Sk // bk, bk, H), 2, 0)
 
 
 def _tile_logits(ring: _Ring, q, k, row0, col0, q_lens, kv_lens):
@@ -71,10 +81,36 @@ def _visible(ring: _Ring, row0, rows: int, col0, cols: int, kv_lens):
 
 
 def _tile_forward(ring: _Ring, q, k, v, row0, col0, q_lens, kv_lens):
-    """(normalised output [B, K, G, Tq, H], lse [B, K, G, Tq]) of one tile."""
-    p, denom, lse = kernels.softmax_parts(_tile_logits(ring, q, k, row0, col0, q_lens, kv_lens))
-    o = jnp.einsum("bkgts,bksh->bkgth", p, v.astype(p.dtype), precision=ring.spec.precision)
-    return o / jnp.where(denom > 0, denom, 1.0)[..., None], lse
+    """(normalised output [B, K, G, Tq, H], lse [B, K, G, Tq]) of q against one key/value
+    block: the blockwise kernel's online softmax over the block's key sub-blocks."""
+    ct = kernels.compute_dtype(q)
+    kb, vb = _key_blocks(ring, k), _key_blocks(ring, v)
+    bk = kb.shape[3]
+
+    def body(carry, xs):
+        j, k_j, v_j = xs
+        m, l, acc = carry
+        c0 = col0 + j * bk
+
+        def compute():
+            s = _tile_logits(ring, q, k_j, row0, c0, q_lens, kv_lens)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+            p = jnp.exp(s - m_safe[..., None])
+            correction = jnp.exp(m - m_safe)  # rescales what earlier sub-blocks accumulated
+            pv = jnp.einsum("bkgts,bksh->bkgth", p, v_j.astype(ct), precision=ring.spec.precision)
+            return m_new, l * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv
+
+        visible = _visible(ring, row0, q.shape[3], c0, bk, kv_lens)
+        return jax.lax.cond(visible, compute, lambda: (m, l, acc)), None
+
+    row = q[..., 0]
+    init = (jnp.full_like(row, -jnp.inf, ct), jnp.full_like(row, 0.0, ct),
+            jnp.full_like(q, 0.0, ct))
+    (m, l, acc), _ = jax.lax.scan(body, init, (jnp.arange(kb.shape[0]), kb, vb))
+    seen = l > 0
+    out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+    return out, jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
 
 def _combine(o, lse, o_r, lse_r):
@@ -129,15 +165,34 @@ def _ring_fwd(ring, q, k, v, q_lens, kv_lens):
 
 
 def _tile_backward(ring: _Ring, q, k, v, do, delta, lse, row0, col0, q_lens, kv_lens):
-    """(dq, dk, dv) of one tile, from the saved row lse (+inf where no key is visible)."""
-    prec = ring.spec.precision
-    p = jnp.exp(_tile_logits(ring, q, k, row0, col0, q_lens, kv_lens) - lse[..., None])
-    dv = jnp.einsum("bkgts,bkgth->bksh", p, do, precision=prec)
-    dp = jnp.einsum("bkgth,bksh->bkgts", do, v.astype(p.dtype), precision=prec)
-    ds = p * (dp - delta[..., None]) * ring.scale
-    dq = jnp.einsum("bkgts,bksh->bkgth", ds, k.astype(p.dtype), precision=prec)
-    dk = jnp.einsum("bkgts,bkgth->bksh", ds, q.astype(p.dtype), precision=prec)
-    return dq, dk, dv
+    """(dq, dk, dv) of q against one key/value block, sub-block by sub-block, from the saved
+    row lse (+inf where no key is visible, so the probabilities are 0 there)."""
+    prec, ct = ring.spec.precision, kernels.compute_dtype(q)
+    kb, vb = _key_blocks(ring, k), _key_blocks(ring, v)
+    bk = kb.shape[3]
+
+    def body(dq, xs):
+        j, k_j, v_j = xs
+        c0 = col0 + j * bk
+
+        def compute():
+            p = jnp.exp(_tile_logits(ring, q, k_j, row0, c0, q_lens, kv_lens) - lse[..., None])
+            dv = jnp.einsum("bkgts,bkgth->bksh", p, do, precision=prec)
+            dp = jnp.einsum("bkgth,bksh->bkgts", do, v_j.astype(ct), precision=prec)
+            ds = p * (dp - delta[..., None]) * ring.scale
+            dk = jnp.einsum("bkgts,bkgth->bksh", ds, q.astype(ct), precision=prec)
+            return dq + jnp.einsum("bkgts,bksh->bkgth", ds, k_j.astype(ct), precision=prec), dk, dv
+
+        def skip():
+            return dq, jnp.full_like(k_j, 0.0, ct), jnp.full_like(v_j, 0.0, ct)
+
+        dq, dk, dv = jax.lax.cond(_visible(ring, row0, q.shape[3], c0, bk, kv_lens), compute,
+                                  skip)
+        return dq, (dk, dv)
+
+    dq, (dkb, dvb) = jax.lax.scan(body, jnp.full_like(q, 0.0, ct),
+                                  (jnp.arange(kb.shape[0]), kb, vb))
+    return dq, (jnp.moveaxis(dkb, 0, 2).reshape(k.shape)), jnp.moveaxis(dvb, 0, 2).reshape(v.shape)
 
 
 def _ring_bwd(ring, res, do):
@@ -196,7 +251,8 @@ def ring_attention(
     query: ArrayLike, key: ArrayLike, value: ArrayLike, *, mesh: Mesh | None = None,
     axis_name: str, is_causal: bool = False, scale: float | None = None,
     query_seq_lengths: ArrayLike | None = None, key_value_seq_lengths: ArrayLike | None = None,
-    local_window_size: int | tuple[int, int] | None = None, precision=None,
+    local_window_size: int | tuple[int, int] | None = None, block_size: int = 512,
+    precision=None,
 ) -> jax.Array:
     r"""Exact attention with the sequence sharded over a mesh axis (context parallelism).
 
@@ -206,40 +262,33 @@ def ring_attention(
 
       \mathrm{Attention}(Q, K, V) = \mathrm{softmax}(Q K^T \cdot \mathrm{scale}) V
 
-    over the pairs (query t, key s) the masks allow, with query[:, t] and key/value[:, s] split
-    along T and S into P equal blocks over the mesh axis ``axis_name``. Each device keeps its
-    query block while the key/value blocks pass around the ring (``lax.ppermute``), so memory
-    per device falls with P and no device gathers the sequence, forward or backward.
-    Shapes use B batch, T query length, S key length, N query heads, K key/value heads (N a
-    multiple of K), H head dim.
-
-    Under ``jit`` with a ``mesh``, it runs its own ``shard_map`` over ``axis_name`` only; other
-    mesh axes (batch or heads, say) stay as the caller sharded them. Called inside the caller's
-    ``shard_map`` where ``axis_name`` is manual, the arrays are this device's blocks
-    ([B, T/P, N, H]) and ``mesh`` may be omitted.
+    with T and S split into P blocks over the mesh axis ``axis_name``: each device keeps its
+    query block while the key/value blocks pass around the ring (``lax.ppermute``); no device
+    gathers the sequence, forward or backward. Shapes use B batch, T query length, S key
+    length, N query heads, K key/value heads (N a multiple of K), H head dim. With ``mesh`` it
+    runs its own ``shard_map`` over ``axis_name`` only (other mesh axes keep the caller's
+    sharding); inside the caller's ``shard_map`` over ``axis_name``, pass this device's blocks
+    ([B, T/P, N, H]) and no mesh.
 
     Args:
       query: [B, T, N, H]; T a multiple of P (the size of ``axis_name``).
       key: [B, S, K, H]; S a multiple of P.
       value: [B, S, K, H].
-      mesh: the ``jax.sharding.Mesh`` holding ``axis_name`` (Auto or Explicit axes); not
-        needed inside a ``shard_map`` over ``axis_name``.
+      mesh: the ``jax.sharding.Mesh`` holding ``axis_name`` (Auto or Explicit axes).
       axis_name: the mesh axis that splits the sequence.
-      is_causal: query t sees keys s <= t (global positions); key blocks wholly above the
-        diagonal are skipped.
+      is_causal: query t sees keys s <= t; blocks wholly above the diagonal are skipped.
       scale: logit scale, a Python number; default 1/√H.
-      query_seq_lengths: optional int [B] (global lengths); queries at or beyond are padding
-        and give zeros.
+      query_seq_lengths: optional int [B]; queries at or beyond are padding (zeros).
       key_value_seq_lengths: optional int [B]; keys at or beyond are ignored.
       local_window_size: optional (left, right) sliding window, or one int for both.
+      block_size: keys per sub-block within a step (a divisor of S/P is taken).
       precision: precision of the matmuls, as ``jnp.einsum`` takes it.
 
     Returns:
       [B, T, N, H] in the dtype of ``query``, sharded as ``query``.
 
     Raises:
-      ValueError: a missing or unknown mesh axis, T or S not a multiple of P, a traced
-        scale, or any argument :func:`dot_product_attention` rejects.
+      ValueError: no mesh with ``axis_name``, T or S not multiples of P, or a traced scale.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -254,13 +303,15 @@ def ring_attention(
                      is_causal=is_causal, local_window_size=local_window_size,
                      precision=precision)
     a = call.arrays
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if not isinstance(a.scale, float):
         raise ValueError(  # noqa: TRY004 (jax.nn raises ValueError for bad arguments)
             f"ring_attention takes scale as a Python number, got {scale!r}")
     context = jax.sharding.get_abstract_mesh()
     inside = axis_name in getattr(context, "manual_axes", ())
     if inside:
-        ring = _Ring(call.spec, a.scale, axis_name, context.shape[axis_name])
+        ring = _Ring(call.spec, a.scale, axis_name, context.shape[axis_name], block_size)
         return _local(ring, a.query, a.key, a.value, a.q_lens, a.kv_lens)
     if mesh is None or axis_name not in mesh.axis_names:
         where = "no mesh" if mesh is None else f"mesh axes {mesh.axis_names}"
@@ -271,7 +322,7 @@ def ring_attention(
     if T % size or S % size:
         raise ValueError(f"ring_attention splits T and S into {size} blocks over "
                          f"{axis_name!r}: both must be multiples of {size}, got T={T}, S={S}")
-    ring = _Ring(call.spec, a.scale, axis_name, size)
+    ring = _Ring(call.spec, a.scale, axis_name, size, block_size)
     q, k, v = a.query, a.key, a.value
     if mesh.axis_types[mesh.axis_names.index(axis_name)] == AxisType.Explicit:
         q, k, v = (_along_sequence(x, mesh, axis_name) for x in (q, k, v))
