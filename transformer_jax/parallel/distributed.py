@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import mmap
 import os
 import re
@@ -42,6 +43,7 @@ import struct
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -211,8 +213,11 @@ def supervise(coordinator: str | None, num_processes: int | None, checkpoints: o
         os.close(read_fd)
         os.close(write_fd)
         _die_with(parent)
+        _await_verdict(heartbeat_timeout or DEFAULT_HEARTBEAT_TIMEOUT_S)
         return
     os.close(write_fd)
+    if os.isatty(read_fd):  # a resized terminal resizes the child's (tqdm reads it)
+        signal.signal(signal.SIGWINCH, functools.partial(_copy_size, read_fd))
     report = _Report(prog, coordinator, num_processes, Path(checkpoints),
                      heartbeat_timeout or DEFAULT_HEARTBEAT_TIMEOUT_S)
     _forward_signals(child)
@@ -223,12 +228,19 @@ def supervise(coordinator: str | None, num_processes: int | None, checkpoints: o
 
 def _like_terminal(fd: int) -> None:
     """The pseudo-terminal's output as the real one's: no newline translation, same size."""
-    import fcntl
     import termios
 
     attrs = termios.tcgetattr(fd)
     attrs[1] &= ~termios.OPOST
     termios.tcsetattr(fd, termios.TCSANOW, attrs)
+    _copy_size(fd)
+
+
+def _copy_size(fd: int, *signal_args: Any) -> None:
+    """Give the pseudo-terminal ``fd`` the real terminal's size (a progress bar's width)."""
+    import fcntl
+    import termios
+
     with contextlib.suppress(OSError):
         fcntl.ioctl(fd, termios.TIOCSWINSZ, fcntl.ioctl(2, termios.TIOCGWINSZ, b"\0" * 8))
 
@@ -252,6 +264,32 @@ def _forward_signals(child: int) -> None:
     # A terminal's Ctrl-C goes to the whole foreground process group, the child included;
     # a SIGINT sent to this process by hand is forwarded.
     signal.signal(signal.SIGINT, signal.SIG_IGN if _in_foreground() else forward)
+
+
+# A collective whose peer is gone fails in Python before the runtime ends the process (gloo:
+# "Connection closed by peer"); NCCL and the coordination service report it in their words.
+_PEER_FAILURE = re.compile(r"closed by peer|reset by peer|Gloo \w+ failed|NCCL|UNAVAILABLE|"
+                           r"DEADLINE_EXCEEDED|coordination service")
+
+
+def _await_verdict(heartbeat_timeout: int) -> None:
+    """Hold an uncaught error of a failed collective until the runtime says which peer is gone.
+
+    The runtime ends the process within ``heartbeat_timeout`` (then the supervisor prints the
+    line); a traceback printed first would only be noise. Another error prints at once.
+    """
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        error, chain = value, []
+        while error is not None and len(chain) < 8:
+            chain.append(str(error))
+            error = error.__cause__ or error.__context__
+        if any(_PEER_FAILURE.search(text) for text in chain):
+            time.sleep(heartbeat_timeout + 10)
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
 
 
 def _relay(child: int, fd: int, report: _Report) -> int:
