@@ -2,8 +2,6 @@
 scores are right, beam search finishes its hypotheses and beats greedy on model score, and
 checkpoint averaging is the mean (the identity for one checkpoint)."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +34,7 @@ MODEL = ModelConfig(vocab_size=TASK.vocab_size, d_model=32, num_heads=2, num_enc
 # exact match after training depends on the seed (and float rounding on another CPU acts like
 # another seed); with 600 steps and warmup 100 every seed tried clears the bounds below.
 TC = DEFAULT_RUN.replace(task="reverse", optimizer="adam", schedule="paper", warmup=100,
-                 label_smoothing=0.1, grad_clip=0.0, steps=600, batch_size=32)
+                         label_smoothing=0.1, grad_clip=0.0, steps=600, batch_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +42,7 @@ def trained(tmp_path_factory):
     """600 steps of ``python train.py --task reverse`` through the loop, on the short task."""
     out = tmp_path_factory.mktemp("reverse")
     tc = TC.replace(out=str(out), eval_every=100, ckpt_every=100, log_every=50,
-                             steps_per_call=50, max_to_keep=3, average_last=2, parallel="none")
+                    steps_per_call=50, max_to_keep=3, average_last=2, parallel="none")
     logs = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(seq2seq_tasks.TASKS, "reverse", lambda: TASK)
@@ -59,9 +57,9 @@ def test_tiny_encoder_decoder_learns_reversal(trained):
     assert result.step == 600 and not result.interrupted
     val = [r["val_loss"] for r in records if "val_loss" in r]
     # From ln V = 2.4 nats at the start towards the floor that label smoothing 0.1 sets (about
-    # 0.1). Near that floor the loss under the paper's high learning rate wobbles from one
-    # evaluation to the next, so only the first and the last are compared.
-    assert len(val) == 6 and val[0] > val[-1] and val[-1] < 0.3, val
+    # 0.1). Near it the paper's learning rate, large for d_model 32, makes single evaluations
+    # jump up and back: the best of the last three is the one compared.
+    assert len(val) == 6 and max(val) < 1.6 and min(val[-3:]) < 0.25, val
     final = records[-1]  # the test evaluation is the last metrics line
     assert final == {"step": 600, **result.evaluation}
     assert final["averaged_checkpoints"] == 2 and final["averaged_from_step"] == 500
@@ -166,10 +164,9 @@ def _six_steps(out, mode, mesh_flag, devices, grad_accum=1):
     # AdamW with ε = 1e-4, not the paper's 1e-9: with ε that small Adam turns the float32
     # rounding noise of gradients that are exactly 0 in exact arithmetic (the key bias:
     # softmax ignores a shift per row) into full-size steps that differ between paths.
-    tc = TC.replace(out=str(out), steps_per_call=3, log_every=3,
-                             ckpt_every=300, parallel=mode, mesh=mesh_flag,
-                             optimizer="adamw", schedule="constant", lr=1e-3, warmup=1,
-                             eps=1e-4, weight_decay=0.0, grad_accum=grad_accum)
+    tc = TC.replace(out=str(out), steps_per_call=3, log_every=3, ckpt_every=300, parallel=mode,
+                    mesh=mesh_flag, optimizer="adamw", schedule="constant", lr=1e-3, warmup=1,
+                    eps=1e-4, weight_decay=0.0, grad_accum=grad_accum)
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(seq2seq_tasks.TASKS, "reverse", lambda: TASK)
         mp.setattr(seq2seq, "NUM_VALIDATION", 32)
