@@ -1,9 +1,10 @@
-"""Greedy decoding and beam search for the encoder–decoder, over its decoding step.
+"""Greedy decoding and beam search for an encoder–decoder, over its decoding step.
 
 The model's ``start_decoding`` (the protocol of :mod:`transformer_jax.decoding`) encodes the
-source once, fills the KV cache with the first step (BOS), and returns the step for the rest
-(the cross-attention keys and values are projected from the encoder output once and read from
-the cache after that). The search knows nothing else of the model.
+source once, feeds the first step (BOS), and returns the step for the rest: the Transformer's
+state is its KV cache (the cross-attention keys and values projected from the encoder output
+once), the RNN translator's its recurrent carry and the encoder states. The search knows
+nothing else of the model.
 
 Both functions are ``jax.jit``-compiled with the model and the lengths static, so they compile
 once per (model, batch, source length, output length) and the loop runs inside XLA
@@ -31,7 +32,7 @@ __all__ = ["beam_search", "greedy_decode", "translate"]
 def _default_max_len(model, src, max_len):
     if not hasattr(model, "start_decoding") or hasattr(model, "context_limit"):
         # A language model decodes through the same protocol, but continues its input.
-        raise TypeError(f"expected an encoder-decoder Transformer, got {type(model).__name__}")
+        raise TypeError(f"expected an encoder-decoder, got {type(model).__name__}")
     if jnp.ndim(src) != 2:
         raise ValueError(f"src must be [B, S], got shape {jnp.shape(src)}")
     if max_len is None:  # §6.1: maximum output length = input length + 50

@@ -34,8 +34,10 @@ class LoadedRun:
 
     Attributes:
       run_dir: the run directory.
-      model: the Flax module (:class:`~transformer_jax.models.TransformerLM`, an RNN, or the
-        encoder–decoder :class:`~transformer_jax.models.Transformer` for seq2seq tasks).
+      model: the Flax module (:class:`~transformer_jax.models.TransformerLM`, an RNN, or for
+        seq2seq tasks the encoder–decoder that ``--model`` named: the
+        :class:`~transformer_jax.models.Transformer` or an
+        :class:`~transformer_jax.models.RNNSeq2Seq`).
       params: its parameters, on the default device.
       steps: the checkpoint steps the parameters come from (several when averaged).
       model_cfg: the model configuration.
@@ -83,7 +85,7 @@ def load_run(run_dir: str | os.PathLike, *, step: int | None = None, average_las
     if tc.task == "lm":
         model, task = models.build_model(tc.model, model_cfg), None
     else:
-        model, task = models.Transformer(model_cfg), get_task(tc.task)
+        model, task = models.build_seq2seq(tc.model, model_cfg), get_task(tc.task)
     expect = checkpoint_expectation(model_cfg)
     with Checkpointer(run_dir / "checkpoints") as ckpt:
         saved = ckpt.all_steps()

@@ -1,6 +1,10 @@
 """The encoder–decoder on a sequence-to-sequence task: its loss, its workload for the training
 loop, and the paper's evaluation (greedy and beam search, exact match and corpus BLEU).
 
+``--model`` picks the encoder–decoder (:func:`transformer_jax.models.build_seq2seq`): the
+Transformer, or the attentional RNN translator ("lstm", "gru") that the paper's Table 2
+compares with; everything below is the same for both.
+
 ``python train.py --task translate`` (or reverse, sort, add) runs
 :func:`transformer_jax.train.loop.run` with :func:`workload`: the same loop, placement
 (pmap/jit), checkpoints, metrics and resume as the language model; only the model, the
@@ -33,7 +37,7 @@ from transformer_jax import decoding
 from transformer_jax.config import ModelConfig, TrainConfig
 from transformer_jax.data import IGNORE
 from transformer_jax.data.seq2seq_tasks import PAD, Seq2SeqTask, get_task
-from transformer_jax.models import Transformer, accounting, count_params
+from transformer_jax.models import accounting, build_seq2seq, count_params
 from transformer_jax.parallel import Placement, check_batch
 from transformer_jax.runs.checkpoint import Checkpointer
 from transformer_jax.runs.rundir import RunConfigError
@@ -84,9 +88,6 @@ def eval_step(params: Any, batch: jax.Array, *, apply_fn: Callable[..., Any],
 
 def _check(model_cfg: ModelConfig, tc: TrainConfig, task: Seq2SeqTask,
            placement: Placement) -> None:
-    if tc.model != "transformer":
-        raise RunConfigError(f"the {task.name} task trains the encoder-decoder Transformer; "
-                             f"--model {tc.model} is a language model")
     if model_cfg.vocab_size != task.vocab_size:
         raise RunConfigError(f"the {task.name} task has {task.vocab_size} tokens; the model's "
                              f"vocab_size is {model_cfg.vocab_size}")
@@ -106,11 +107,11 @@ def _functions(model_cfg: ModelConfig, step_cfg: TrainConfig, src_len: int, tgt_
                placement: Placement) -> StepFunctions:
     """Model, optimizer and compiled steps (cached like the LM's: reruns reuse compilations)."""
     return compile_steps(
-        Transformer(model_cfg), step_cfg, model_cfg.d_model, placement,
+        build_seq2seq(step_cfg.model, model_cfg), step_cfg, model_cfg.d_model, placement,
         init_state=functools.partial(init_state, input_lengths=(src_len, tgt_len + 1)),
         eval_step=functools.partial(eval_step, src_len=src_len),
         flops_per_token=lambda params: accounting.seq2seq_flops_per_token(
-            count_params(params), model_cfg, tgt_len + 1),
+            count_params(params), model_cfg, tgt_len + 1, model=step_cfg.model),
         dropout=model_cfg.dropout_rate > 0,
         loss_and_grads=functools.partial(loss_and_grads, src_len=src_len))
 
@@ -123,7 +124,7 @@ def _padded_batches(packed: np.ndarray, batch_size: int):
     return (padded[i:i + batch_size] for i in range(0, rows, batch_size))
 
 
-def _abstract_state(model: Transformer, tx: Any, task: Seq2SeqTask, device: Any) -> Any:
+def _abstract_state(model: Any, tx: Any, task: Seq2SeqTask, device: Any) -> Any:
     """The TrainState's shapes (with a device) for restoring checkpoints."""
     shapes = jax.eval_shape(lambda: init_state(
         model, tx, seed=0, input_lengths=(task.src_len, task.max_tgt_len + 1)))
@@ -188,7 +189,7 @@ def _decode_all(fn: Callable[[np.ndarray], Any], src: np.ndarray, batch_size: in
     return np.concatenate(outs)[:n]
 
 
-def evaluate(model: Transformer, params: Any, task: Seq2SeqTask, examples: list, *,
+def evaluate(model: Any, params: Any, task: Seq2SeqTask, examples: list, *,
              beam_size: int = 4, alpha: float = 0.6, batch_size: int = 250) -> dict[str, Any]:
     """Greedy and beam-search decoding of ``examples``: exact match and corpus BLEU.
 
