@@ -116,7 +116,7 @@ class PairSplit:
 
     def _read_lengths(self, n: int) -> np.ndarray:
         """[n, 2] lengths from the index, a chunk at a time (checked to never decrease)."""
-        out = np.empty((n, 2), np.uint32)
+        out = np.empty((n, 2), np.uint16)  # widened only if a pair needs it
         for a in range(0, n, _CHUNK):
             rows = np.empty((min(_CHUNK, n - a) + 1, 2), np.int64)
             _pread(self._files[0], rows, 16 * a, self._paths[0])
@@ -124,8 +124,10 @@ class PairSplit:
             if step.size and step.min() < 0:
                 raise DataError(f"{self._paths[0]} is damaged (offsets decrease); prepare the "
                                 "dataset again")
+            if step.size and step.max() > 65535 and out.dtype == np.uint16:
+                out = out.astype(np.uint32)
             out[a:a + len(step)] = step
-        return out.astype(np.uint16) if n == 0 or out.max() <= 65535 else out
+        return out
 
     def __len__(self) -> int:
         return len(self.lengths)

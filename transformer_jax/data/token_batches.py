@@ -93,9 +93,11 @@ class BatchPlan:
 
     def __init__(self, lengths: np.ndarray, boundaries: np.ndarray, batch_tokens: int,
                  row_multiple: int):
-        keys = lengths.max(axis=1).astype(np.int64)
-        bucket = np.searchsorted(boundaries, keys)
-        members = [np.flatnonzero(bucket == k) for k in range(len(boundaries))]
+        keys = lengths.max(axis=1)  # the lengths' dtype: 2 bytes a pair, not 8
+        lower = np.concatenate([[-1], boundaries[:-1]])
+        members = [np.flatnonzero((keys > lo) & (keys <= hi)).astype(np.int32)
+                   for lo, hi in zip(lower, boundaries)]
+        del keys
         keep = [k for k, m in enumerate(members) if len(m)]
         bounds, members = list(boundaries[keep]), [members[k] for k in keep]
         k = 0
@@ -115,8 +117,7 @@ class BatchPlan:
         self.batches_per_epoch = int(self.chunks.sum())
         # Every row holds a pair (the last batch of a bucket wraps around): a row's expected
         # real tokens are its bucket's mean.
-        real = lengths.astype(np.int64).sum(axis=1) + 2
-        mean = np.asarray([real[m].mean() for m in members])
+        mean = np.asarray([lengths[m].sum(dtype=np.int64) / len(m) + 2 for m in members])
         rows_per_epoch = self.chunks * self.rows
         self.real_share = float((rows_per_epoch * mean).sum()
                                 / (rows_per_epoch * (2 * self.boundaries + 2)).sum())
