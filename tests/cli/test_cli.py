@@ -1,14 +1,19 @@
 """``python train.py`` and ``python -m transformer_jax.sample`` end to end, in subprocesses."""
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from transformer_jax.cli import train
+from transformer_jax.config import TrainConfig
 from transformer_jax.runs.metrics import METRIC_KEYS
+from transformer_jax.train import loop
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,6 +59,28 @@ def test_train_cli_writes_the_run_directory(run_dir):
     assert "step 20" in samples and "def " in samples
     assert "pmap on 8 cpu device(s)" in proc.stdout  # --parallel auto with several devices
     assert "val_loss" in proc.stdout and str(out.resolve()) in proc.stdout
+
+
+def test_train_cli_without_a_terminal_prints_progress_lines_and_each_result_once(run_dir):
+    _, proc = run_dir  # stdout and stderr are pipes here: no progress bar
+    lines = proc.stdout.splitlines()
+    progress = [line for line in lines if re.fullmatch(
+        r"step \d+/20: loss \d\.\d{4}, ([\d,]+|-) tokens/s, ETA (\d+m\d\ds|-)", line)]
+    assert [line.split("/")[0] for line in progress] == ["step 5", "step 10", "step 15",
+                                                         "step 20"]
+    assert [line.split(":")[0] for line in lines if "val_loss" in line] == ["step 10", "step 20"]
+    assert re.search(r"^done at step 20: [\d,]+ tokens/s \(median\), MFU \d+\.\d%; wall ",
+                     proc.stdout, re.MULTILINE)
+
+
+def test_the_closing_line_says_why_an_mfu_is_not_shown(capsys, tmp_path):
+    result = loop.RunResult(out=tmp_path, step=8, start_step=0, val_loss=1.0, val_bpb=1.4,
+                            tokens_per_s=5000.0, mfu=math.nan, wall_s=61.0, interrupted=False,
+                            sample="", mfu_note="the model ran at 5 GFLOP/s, above ...")
+    train._report(result, TrainConfig())
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == ("done at step 8: 5,000 tokens/s (median), MFU not shown: the model ran at "
+                     "5 GFLOP/s, above ...; wall 1m01.0s")
 
 
 def test_sample_cli_reads_the_latest_checkpoint(run_dir):

@@ -114,3 +114,29 @@ def test_tensorboard_events_hold_the_scalars_and_a_resume_purges_later_points(tm
     # TensorBoard drops the first run's points from step 21 on (SessionLog START at 21).
     starts = [e.step for e in events if e.HasField("session_log")]
     assert starts == [21]
+
+
+def test_an_mfu_over_1_probes_again_and_else_is_none(monkeypatch):
+    readings = iter([1e9, 4e9, 1e9, 1e9])  # the start (busy), a re-probe (quiet), then busy
+    monkeypatch.setattr(metrics, "cpu_matmul_probe", lambda *a, **k: next(readings))
+    cpu = [types.SimpleNamespace(platform="cpu")]
+    util = metrics.Utilisation(cpu, flops_per_token=1e6, reprobes=3)
+    assert util(500.0) == pytest.approx(0.5) and util.note == ""  # 0.5 GFLOP/s of 1: no probe
+    assert util(2000.0) == pytest.approx(0.5) and util.peak == 4e9  # 2 GFLOP/s: probed again
+    assert util(None) is None and util.note == ""
+    # Above even the best reading after the re-probes left: unknown, and why.
+    assert util(5000.0) is None and util.peak == 4e9
+    assert util.note.startswith("the model ran at 5 GFLOP/s, above the measured peak of 4 GFLOP/s")
+    # An accelerator's peak is a data-sheet figure: nothing to probe again.
+    gpu = [types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")]
+    assert metrics.Utilisation(gpu, flops_per_token=1e9)(2e6) is None
+
+
+def test_resume_drops_a_line_at_the_resume_step_that_a_whole_run_would_not_write(tmp_path):
+    with metrics.MetricsWriter(tmp_path, tensorboard=False) as w:
+        for step in (10, 20, 25):  # 25: written by an older version that stopped there
+            w.write({"step": step, "loss": 1.0 / step})
+    with metrics.MetricsWriter(tmp_path, tensorboard=False, resume_step=25,
+                               keep_resume_line=False) as w:
+        w.write({"step": 30, "loss": 0.5})
+    assert [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [10, 20, 30]

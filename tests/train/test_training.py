@@ -2,9 +2,12 @@
 
 import dataclasses
 import functools
+import io
 import json
 import math
+import re
 import signal
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,7 @@ import pytest
 from transformer_jax import data, models, parallel
 from transformer_jax import train as training
 from transformer_jax.config import PRESETS, RECIPES
+from transformer_jax.runs import metrics
 from transformer_jax.train import loop, optim, tasks
 
 DEFAULT_RUN = RECIPES["cpu-lm"].train  # the default run's training settings
@@ -209,19 +213,30 @@ def test_interrupted_then_resumed_run_is_bit_identical(tmp_path, devices, monkey
             signal.raise_signal(signal.SIGTERM)
         return work.train_batches(step, k, rows)
 
-    cut = loop.train(dataclasses.replace(work, train_batches=sigterm_at_step_12), DROPOUT_MODEL,
-                     tc, placement, progress=False, log=lambda s: None)
+    cut = loop.run(DROPOUT_MODEL, tc, devices=devices[:1],
+                   workload=dataclasses.replace(work, train_batches=sigterm_at_step_12),
+                   progress=False, log=lambda s: None)
     assert cut.interrupted and cut.step == 15  # saved at the next step boundary
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
-    resumed = loop.run(DROPOUT_MODEL, _loop_config(tmp_path / "cut"), devices=devices[:1],
-                       progress=False, log=lambda s: None)
-    assert resumed.start_step == 15 and resumed.step == 30
+    # Step 25 is no log point (log 10, eval 15, checkpoint 10): the stop writes no line, and
+    # the checkpoint carries steps 21-25 into the line at 30.
+    again = loop.run(DROPOUT_MODEL, tc, devices=devices[:1], stop_at=25, progress=False,
+                     log=lambda s: None)
+    assert again.interrupted and (again.start_step, again.step) == (15, 25)
+    resumed = loop.run(DROPOUT_MODEL, tc, devices=devices[:1], progress=False,
+                       log=lambda s: None)
+    assert resumed.start_step == 25 and resumed.step == 30
     jax.tree.map(np.testing.assert_array_equal, resumed.state, full.state)  # bit for bit
-    # The metrics log reads like one run (lines after the checkpoint were not duplicated).
-    steps = [json.loads(line)["step"] for line in
-             (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [10, 15, 20, 30]
+    # The metrics log reads like one run: the same lines, the same numbers (times aside).
+    assert _logged(tmp_path / "cut") == _logged(tmp_path / "full")
+    assert [r["step"] for r in _logged(tmp_path / "cut")] == [10, 15, 20, 30]
     assert resumed.val_loss == full.val_loss
+
+
+def _logged(out, keys=("step", "loss", "lr", "nonfinite_steps", "val_loss", "val_bpb")):
+    """The lines of a run's metrics.jsonl, without times, throughput and MFU."""
+    return [{k: r.get(k) for k in keys} for r in
+            map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
 
 def test_resuming_with_another_model_is_refused(tmp_path, devices):
@@ -243,8 +258,9 @@ def test_diverging_run_stops_with_a_clear_error(tmp_path, devices):
         return state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
 
     with pytest.raises(loop.NonFiniteError, match="5 consecutive steps had non-finite"):
-        loop.train(dataclasses.replace(work, init_state=nan_init), MODEL, tc, placement,
-                   progress=False, log=lambda s: None)
+        loop.run(MODEL, tc, devices=devices[:1],
+                 workload=dataclasses.replace(work, init_state=nan_init), progress=False,
+                 log=lambda s: None)
 
 
 def test_replicated_state_has_the_pmap_output_layout(devices):
@@ -254,3 +270,56 @@ def test_replicated_state_has_the_pmap_output_layout(devices):
     np.testing.assert_array_equal(rep["w"][3], tree["w"])
     out = jax.pmap(lambda t: t, axis_name=parallel.AXIS, devices=devices[:4])(rep)
     assert all(o.sharding == r.sharding for o, r in zip(jax.tree.leaves(out), jax.tree.leaves(rep)))
+
+
+def test_workload_hooks_reach_the_log_and_plain_progress_lines_without_a_terminal(
+        tmp_path, devices, monkeypatch):
+    tc = _loop_config(tmp_path / "hooks")
+    placement = parallel.resolve("none", devices[:1])
+    work = tasks.build_workload(MODEL, tc, placement, log=lambda s: None)
+    intervals = []
+
+    def interval_metrics(first, end):  # e.g. the real-token share of steps first … end - 1
+        intervals.append((first, end))
+        return {"share": end / 100}
+
+    def eval_metrics(params):  # e.g. BLEU on a fixed slice
+        assert jax.tree.structure(params) == jax.tree.structure(work.init_state(0).params)
+        return {"bleu": 12.5}
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # no terminal: no bar
+    lines = []
+    loop.run(MODEL, tc, devices=devices[:1], log=lines.append,
+             workload=dataclasses.replace(work, interval_metrics=interval_metrics,
+                                          eval_metrics=eval_metrics))
+    records = [json.loads(line) for line in
+               (tmp_path / "hooks" / "metrics.jsonl").read_text().splitlines()]
+    assert intervals == [(0, 10), (10, 15), (15, 20), (20, 30)]
+    assert [(r["step"], r["share"]) for r in records] == [(10, .1), (15, .15), (20, .2), (30, .3)]
+    assert [(r["step"], r.get("bleu")) for r in records if "val_loss" in r] == [(15, 12.5),
+                                                                              (30, 12.5)]
+    assert next(line for line in lines if line.startswith("step 15: val_loss")).endswith(
+        ", bleu 12.5")
+    # One plain progress line per metrics line: step, loss, tokens/s, time left.
+    progress = [re.fullmatch(r"step (\d+)/30: loss (\d\.\d{4}), ([\d,]+|-) tokens/s, "
+                             r"ETA (\d+m\d\ds|-)", line) for line in lines]
+    assert [int(m[1]) for m in progress if m] == [10, 15, 20, 30]
+    assert [float(m[2]) for m in progress if m] == [round(r["loss"], 4) for r in records]
+
+
+def test_an_mfu_over_100_percent_is_never_shown(tmp_path, devices, monkeypatch):
+    probes = []
+
+    def busy_probe(*args, **kwargs):  # a matmul probe taken while the machine was loaded
+        probes.append(1)
+        return 1e6
+
+    monkeypatch.setattr(metrics, "cpu_matmul_probe", busy_probe)
+    result = loop.run(MODEL, _loop_config(tmp_path / "mfu"), devices=devices[:1], stop_at=10,
+                      progress=False, log=lambda s: None)
+    (record,) = metrics.read_jsonl(tmp_path / "mfu" / "metrics.jsonl")
+    assert record["step"] == 10 and record["tokens_per_s"] > 0  # timed: steps 5-10
+    assert record["mfu"] is None and record["mfu_unreliable"] is True
+    assert len(probes) == 3  # at the start, then twice more before giving up
+    assert math.isnan(result.mfu) and "above the measured peak of 0.001 GFLOP/s" in \
+        result.mfu_note

@@ -8,20 +8,18 @@ status 130 (:func:`exits_on_ctrl_c`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
-import os
-import signal
 import sys
-import threading
 import warnings
 from collections.abc import Callable, Sequence
 
-from transformer_jax.runs import lock
+from transformer_jax.runs import signals
+from transformer_jax.runs.signals import EXIT_INTERRUPTED
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_WRITE_FAILED", "ArgumentParser", "exits_on_ctrl_c",
            "explicit_options", "plain_warnings"]
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command ended by Ctrl-C
 EXIT_WRITE_FAILED = 74  # EX_IOERR of sysexits.h: "an error occurred while doing I/O on some file"
 
 
@@ -54,46 +52,25 @@ def exits_on_ctrl_c(prog: str, *, at_once: str | None = None) -> Callable:
     By default Ctrl-C raises ``KeyboardInterrupt`` as usual, so ``finally`` blocks and context
     managers clean up (a half-written output folder, say); the decorator turns it into
     ``prog: interrupted (Ctrl-C)`` instead of a traceback. With ``at_once=MESSAGE``, Ctrl-C
-    ends the process at once (``os._exit``) with ``prog: MESSAGE``, waiting for nothing, after
-    flushing stdout and releasing the run-directory locks this process holds: for a command
-    that handles a first Ctrl-C itself (``train.py``'s loop saves a checkpoint) and hands the
-    second one here. A SIGINT ignored from the start (a background job) stays ignored.
+    ends the process at once with ``prog: MESSAGE``
+    (:func:`transformer_jax.runs.signals.ctrl_c_ends_at_once`): for a command that handles a
+    first Ctrl-C itself (``train.py``'s loop saves a checkpoint) and hands the second one here.
     """
     def decorate(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
         def wrapped(*args, **kwargs) -> int:
-            previous = None
-            if at_once is not None and threading.current_thread() is threading.main_thread() \
-                    and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-                previous = signal.signal(signal.SIGINT,
-                                         lambda signum, frame: _end_now(f"{prog}: {at_once}"))
+            handler = (contextlib.nullcontext() if at_once is None
+                       else signals.ctrl_c_ends_at_once(f"{prog}: {at_once}"))
             try:
-                return main(*args, **kwargs)
+                with handler:
+                    return main(*args, **kwargs)
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
                 return EXIT_INTERRUPTED
-            finally:
-                if previous is not None:
-                    signal.signal(signal.SIGINT, previous)
 
         return wrapped
 
     return decorate
-
-
-def _end_now(line: str) -> None:
-    """Flush stdout, release this process's run locks, write ``line``, exit 130: no cleanup."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, RuntimeError):  # RuntimeError: a print was interrupted
-            pass
-    lock.release_all()
-    try:
-        os.write(sys.stderr.fileno(), f"{line}\n".encode())
-    except (OSError, ValueError, AttributeError):
-        pass
-    os._exit(EXIT_INTERRUPTED)
 
 
 def plain_warnings(prog: str) -> None:

@@ -117,7 +117,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--accept-changes", action="store_true",
                    help="resume the run in --out even though these settings differ from its "
                         "own in more than the steps, intervals and placement (docs/training.md)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a plain line every --log-every steps instead (the "
+                        "default without a terminal)")
     names = flags.add_config_flags(p, model_cfg, train_cfg)
     p.set_defaults(_flag_names=names)
     _host_flags(p.add_argument_group("multi-host (every host runs the same command)"))
@@ -248,10 +250,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _report(r: loop.RunResult, train_cfg: TrainConfig) -> None:
     """The closing lines: validation loss, throughput, the evaluation or sample, the files."""
     minutes, seconds = divmod(r.wall_s, 60)
-    speed = (f"{r.tokens_per_s:,.0f} tokens/s (median), MFU {100 * r.mfu:.1f}%"
+    # The loop has logged the final "step N: val_loss ..." line: not repeated here.
+    mfu = (f"MFU {100 * r.mfu:.1f}%" if math.isfinite(r.mfu) else
+           f"MFU not shown: {r.mfu_note}" if r.mfu_note else "MFU unknown")
+    speed = (f"{r.tokens_per_s:,.0f} tokens/s (median), {mfu}"
              if math.isfinite(r.tokens_per_s) else "too few steps after compilation to time")
-    print(f"step {r.step}: val_loss {r.val_loss:.4f} nats/{r.unit} ({r.val_bpb:.3f} "
-          f"bits/{r.bits_per}); {speed}; wall {int(minutes)}m{seconds:04.1f}s")
+    print(f"done at step {r.step}: {speed}; wall {int(minutes)}m{seconds:04.1f}s")
     if r.evaluation:
         e = r.evaluation
         print(f"test exact match: greedy {e['test_exact_match_greedy']:.4f}, beam "

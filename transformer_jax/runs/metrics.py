@@ -9,8 +9,11 @@
 * :func:`peak_flops`: the device's peak. Accelerators from :data:`PEAK_FLOPS` (dense bf16
   numbers from the vendors' data sheets); on a CPU, a large float32 matmul measured once
   (:func:`cpu_matmul_probe`): the honest "peak" of a CPU, whose vendor figure no float32
-  matmul reaches. MFU divides the model FLOPs of
-  :mod:`transformer_jax.models.accounting` by this peak.
+  matmul reaches.
+* :class:`Utilisation`: MFU, the model FLOPs of :mod:`transformer_jax.models.accounting` per
+  second over that peak. A figure over 100% means the peak was measured low (a CPU probe taken
+  while the machine was loaded): the probe is taken again, and a figure still over 100% is
+  reported as unknown (``None``) with the reason, never shown.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ __all__ = [
     "METRIC_KEYS",
     "PEAK_FLOPS",
     "MetricsWriter",
+    "Utilisation",
     "cpu_matmul_probe",
     "peak_flops",
     "plot_loss",
@@ -104,6 +108,50 @@ def peak_flops(devices: Sequence[Any]) -> tuple[float, str]:
     return math.nan, f"unknown device kind {kind!r}"
 
 
+class Utilisation:
+    """Model FLOPs utilisation (MFU): model FLOP/s achieved over the devices' peak FLOP/s.
+
+    An MFU can never exceed 1; a figure that does says the peak is wrong. On a CPU the peak is
+    a matmul probe (:func:`cpu_matmul_probe`), which reads low when other processes share the
+    cores while it runs. Then the probe runs again (at most ``reprobes`` times per run; the
+    highest reading is kept), and a figure still above 1 is ``None``: :attr:`note` says why.
+
+    Args:
+      devices: the devices the step runs on (:func:`peak_flops`).
+      flops_per_token: the model's training FLOPs per token.
+      reprobes: how many more CPU probes a run may take.
+
+    Attributes:
+      peak: the peak FLOP/s in use (``nan``: unknown accelerator, MFU ``nan``).
+      source: where :attr:`peak` comes from.
+      note: why the last figure asked for was ``None`` ("" when it was not).
+      reprobes: the CPU probes this run may still take.
+    """
+
+    def __init__(self, devices: Sequence[Any], flops_per_token: float, *, reprobes: int = 2):
+        self.peak, self.source = peak_flops(devices)
+        self.flops_per_token, self.note = flops_per_token, ""
+        self.reprobes = reprobes if devices[0].platform == "cpu" else 0
+
+    def __call__(self, tokens_per_s: float | None) -> float | None:
+        """The MFU of ``tokens_per_s`` (``None`` for ``None``, or when it would exceed 1)."""
+        self.note = ""
+        if tokens_per_s is None:
+            return None
+        mfu = tokens_per_s * self.flops_per_token / self.peak
+        while mfu > 1.0 and self.reprobes > 0:
+            self.reprobes -= 1
+            probe = getattr(cpu_matmul_probe, "__wrapped__", cpu_matmul_probe)()  # not cached
+            self.peak = max(self.peak, probe)
+            mfu = tokens_per_s * self.flops_per_token / self.peak
+        if mfu > 1.0:
+            self.note = (f"the model ran at {tokens_per_s * self.flops_per_token / 1e9:.3g} "
+                         f"GFLOP/s, above the measured peak of {self.peak / 1e9:.3g} GFLOP/s "
+                         f"({self.source}): the peak was measured while the machine was busy")
+            return None
+        return mfu
+
+
 def _clean(value: Any) -> Any:
     """JSON-friendly scalar (numpy/jax scalars to Python; NaN/inf kept as floats)."""
     if isinstance(value, (bool, int, str)) or value is None:
@@ -120,6 +168,9 @@ class MetricsWriter:
       resume_step: when resuming from a checkpoint at this step, JSONL lines (and TensorBoard
         points) from later steps — written by the interrupted run after its last checkpoint —
         are dropped, so the log reads like one uninterrupted run.
+      keep_resume_line: keep the line at ``resume_step`` itself; ``False`` where an
+        uninterrupted run writes none at that step (an interrupted run that saved between
+        two log points, with a version that logged there).
 
     Raises:
       transformer_jax.runs.rundir.OutputError: ``metrics.jsonl`` cannot be written (here or in
@@ -127,21 +178,20 @@ class MetricsWriter:
     """
 
     def __init__(self, out_dir: str | Path, *, tensorboard: bool = True,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, keep_resume_line: bool = True):
         self.path = Path(out_dir) / "metrics.jsonl"
+        purge = None if resume_step is None else resume_step + int(keep_resume_line)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if resume_step is not None and self.path.exists():
-                kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            if purge is not None and self.path.exists():
+                kept = [r for r in read_jsonl(self.path) if r.get("step", 0) < purge]
                 write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             elif resume_step is None:
                 write_text_atomic(self.path, "")
             self._file = self.path.open("a")
         except OSError as e:
             raise self._failed(e) from None
-        self._tb = (_EventFile(Path(out_dir) / "tensorboard",
-                               None if resume_step is None else resume_step + 1)
-                    if tensorboard else None)
+        self._tb = _EventFile(Path(out_dir) / "tensorboard", purge) if tensorboard else None
 
     def _failed(self, error: OSError) -> OutputError:
         why, todo = why_not_written(error)
@@ -276,6 +326,7 @@ def plot_loss(records: Sequence[dict[str, Any]], path: str | Path, *, title: str
     ax.set_ylabel("cross-entropy (nats per token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)

@@ -98,6 +98,13 @@ class Workload:
         per target token).
       run_files: optional run directory -> None, called on process 0 once the directory is
         claimed, to write the workload's own files (the language model's tokenizer).
+      interval_metrics: optional (first_step, end_step) -> extra numbers for the log line of
+        steps first_step … end_step - 1 (the translation workload's real-token share).
+      eval_metrics: optional params -> extra validation numbers, computed at every evaluation
+        (the translation workload's greedy BLEU on a slice of the validation pairs).
+      batch_shape: optional (step, k) -> the global shape [k, B, W] of the batches of steps
+        step … step + k - 1, for workloads whose batch shape changes from step to step
+        (length buckets); ``None``: always [k, batch_size, width].
     """
 
     fns: StepFunctions
@@ -113,6 +120,9 @@ class Workload:
     sample: Callable[[Any, int, Any], str] | None = None
     bytes_per_target: float | None = None
     run_files: Callable[[Any], None] | None = None
+    interval_metrics: Callable[[int, int], dict[str, Any]] | None = None
+    eval_metrics: Callable[[Any], dict[str, Any]] | None = None
+    batch_shape: Callable[[int, int], tuple[int, int, int]] | None = None
 
     def bits(self, val_loss: float) -> tuple[float, str]:
         """(val_bpb, its unit): val_loss in bits per byte of text, or per token."""
