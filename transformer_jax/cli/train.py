@@ -28,6 +28,7 @@ from pathlib import Path
 from transformer_jax.cli import common as cli
 from transformer_jax.cli import flags
 from transformer_jax.config import RECIPES, ModelConfig, TrainConfig
+from transformer_jax.data.pair_dataset import check_kind, open_pairs
 from transformer_jax.data.prepared import data_vocab_size
 from transformer_jax.data.seq2seq_tasks import get_task
 from transformer_jax.parallel import distributed
@@ -77,6 +78,7 @@ def _base(argv: Sequence[str] | None) -> tuple[str | None, ModelConfig, TrainCon
     pre.add_argument("--recipe", "--preset")
     pre.add_argument("--task")
     pre.add_argument("--config")
+    pre.add_argument("--data", nargs="+")
     known = pre.parse_known_args(argv)[0]
     if known.config:
         try:
@@ -84,8 +86,7 @@ def _base(argv: Sequence[str] | None) -> tuple[str | None, ModelConfig, TrainCon
             return None, model_cfg, train_cfg
         except ValueError:
             pass
-    name = known.recipe if known.recipe in RECIPES else (
-        "cpu-lm" if known.task in (None, "lm") else "translate")
+    name = known.recipe if known.recipe in RECIPES else _default_recipe(known.task, known.data)
     return name, RECIPES[name].model, RECIPES[name].train
 
 
@@ -149,14 +150,20 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         name = None
     else:
         task = train_over.get("task", "lm")
-        name = args.recipe or ("cpu-lm" if task == "lm" else "translate")
+        name = args.recipe or _default_recipe(task, train_over.get("data"))
         model_base, train_base = RECIPES[name].model, RECIPES[name].train
     tc = train_base.replace(**{k: v for k, v in train_over.items() if k != "out"})
     if "num_heads" in model_over and "num_kv_heads" not in model_over:
         model_over["num_kv_heads"] = model_over["num_heads"]  # multi-head, not grouped
     if tc.task == "lm":
         model_over.setdefault("max_len", max(model_base.max_len, tc.data.seq_len))
+        for path in tc.data.data:
+            check_kind(path, "lm")
         vocab = data_vocab_size(tc.data.data)
+    elif tc.task == "translate" and tc.data.data:  # a corpus of prepare --pairs
+        if "num_decoder_layers" in model_over:  # --layers sets both stacks (6 and 6 in §3.1)
+            model_over.setdefault("num_encoder_layers", model_over["num_decoder_layers"])
+        vocab = open_pairs(tc.data.data[0]).vocab_size
     else:
         if "num_decoder_layers" in model_over:  # --layers sets both stacks (6 and 6 in §3.1)
             model_over.setdefault("num_encoder_layers", model_over["num_decoder_layers"])
@@ -175,6 +182,14 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         if field in train_over and applies(tc):
             raise ValueError(message)
     return model_cfg, tc
+
+
+def _default_recipe(task: str | None, data) -> str:
+    """The recipe of a command without ``--recipe``: cpu-lm for the language model,
+    translate-text for translation on a corpus (``--data``), translate for a generated task."""
+    if task in (None, "lm"):
+        return "cpu-lm"
+    return "translate-text" if task == "translate" and data else "translate"
 
 
 def _run_name(recipe: str, tc: TrainConfig, model_given: dict) -> str:
@@ -256,7 +271,12 @@ def _report(r: loop.RunResult, train_cfg: TrainConfig) -> None:
     speed = (f"{r.tokens_per_s:,.0f} tokens/s (median), {mfu}"
              if math.isfinite(r.tokens_per_s) else "too few steps after compilation to time")
     print(f"done at step {r.step}: {speed}; wall {int(minutes)}m{seconds:04.1f}s")
-    if r.evaluation:
+    if r.evaluation and "test_bleu" in r.evaluation:  # a real corpus (train/translation.py)
+        e = r.evaluation
+        print(f"test BLEU {e['test_bleu']:.2f}, chrF {e['test_chrf']:.2f} (beam "
+              f"{e['beam_size']}, alpha {e['alpha']}); copy-the-source BLEU "
+              f"{e['copy_bleu']:.2f}\nsacreBLEU signature: {e['bleu_signature']}")
+    elif r.evaluation:
         e = r.evaluation
         print(f"test exact match: greedy {e['test_exact_match_greedy']:.4f}, beam "
               f"{e['test_exact_match_beam']:.4f}; BLEU: greedy {e['test_bleu_greedy']:.2f}, "
@@ -264,7 +284,8 @@ def _report(r: loop.RunResult, train_cfg: TrainConfig) -> None:
     if r.sample:
         print(f"sample (prompt {train_cfg.eval.sample_prompt!r}):\n{r.sample}\n")
     written = [name for name in ("config.json", "metrics.jsonl", "tensorboard/", "checkpoints/",
-                                 "samples.txt", "loss.png") if (r.out / name).exists()]
+                                 "samples.txt", "loss.png", "translations.test.txt")
+               if (r.out / name).exists()]
     print(f"wrote {r.out.resolve()}/: {', '.join(written)}")
 
 

@@ -110,12 +110,16 @@ class DataConfig:
       batch_size: global batch B: sequences per optimizer step, over all devices and
         accumulation micro-batches.
       seq_len: T, tokens per training sequence of a language model.
+      batch_tokens: translation on a parallel dataset: token slots per side of a batch
+        (§5.1: "approximately 25000 source tokens and 25000 target tokens"), pairs of
+        similar length together; 0: ``batch_size`` pairs of the mean length a batch.
     """
 
     data: tuple[str, ...] = dataclasses.field(default=(), metadata={"metavar": "PATH"})
     val_fraction: float = rule(0.1, lambda x: 0.0 < x < 1.0, "lie in (0, 1)")
     batch_size: int = at_least(16, 1)
     seq_len: int = at_least(128, 1)
+    batch_tokens: int = at_least(0, 0)
 
     def __post_init__(self):
         object.__setattr__(self, "data", tuple(str(p) for p in self.data))

@@ -42,9 +42,10 @@ class LoadedRun:
       steps: the checkpoint steps the parameters come from (several when averaged).
       model_cfg: the model configuration.
       train_cfg: the training settings.
-      task: the sequence-to-sequence task, or ``None`` for a language model.
-      tokenizer: a language model's tokenizer: the run directory's ``tokenizer.json`` (a
-        prepared dataset's, copied at the start of training), else bytes.
+      task: the generated sequence-to-sequence task, or ``None`` for a language model and
+        for translation on a parallel dataset (``tokenizer`` then holds its subwords).
+      tokenizer: the run directory's ``tokenizer.json`` (a prepared dataset's, copied at the
+        start of training), else bytes.
     """
 
     run_dir: Path
@@ -84,6 +85,8 @@ def load_run(run_dir: str | os.PathLike, *, step: int | None = None, average_las
     _check_kind(run_dir, tc, kind)
     if tc.task == "lm":
         model, task = models.build_model(tc.model, model_cfg), None
+    elif tc.task == "translate" and tc.data.data:  # a parallel dataset: no generated task
+        model, task = models.Transformer(model_cfg), None
     else:
         model, task = models.build_seq2seq(tc.model, model_cfg), get_task(tc.task)
     expect = checkpoint_expectation(model_cfg)
