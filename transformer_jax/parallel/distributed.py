@@ -154,9 +154,13 @@ def from_lead(text: str = "", limit: int = 4096) -> str:
 
 # The first line of the distributed runtime's report: glog's "Lmmdd hh:mm:ss.us thread file:line]"
 # from its C++ files; what follows it (the rest of the message, the stack trace) is held too.
-_RUNTIME_LOG = re.compile(rb"^[EFW]\d{4} [\d:.]+\s+\d+ (coordination_service\w*|client"
-                          rb"|preemption_sync_manager|service)\.(cc|h):\d+\]",
+_RUNTIME_LOG = re.compile(rb"^([EFW]\d{4} [\d:.]+\s+\d+ (coordination_service\w*|client"
+                          rb"|preemption_sync_manager|service)\.(cc|h):\d+\]"
+                          # Python's report of an error that the lost peer may have caused
+                          # (a background thread's, or one logged), held the same way.
+                          rb"|Traceback \(most recent call last\)|Exception in thread)",
                           re.MULTILINE)
+_FATAL = re.compile(rb"^F\d{4} .*(Terminating process|client\.h)", re.MULTILINE)
 _HOLD_S = 5.0  # held runtime lines are printed after all if the process still runs by then
 # When every process last answered an all-gather (time.time(); 0: not yet): shared between the
 # supervisor and the child (an anonymous mapping made before the fork), so that the line can
@@ -278,18 +282,27 @@ def _await_verdict(heartbeat_timeout: int) -> None:
     The runtime ends the process within ``heartbeat_timeout`` (then the supervisor prints the
     line); a traceback printed first would only be noise. Another error prints at once.
     """
-    previous = sys.excepthook
+    import threading
 
-    def hook(kind, value, tb):
+    def wait_if_peer_failure(value: BaseException | None) -> None:
         error, chain = value, []
         while error is not None and len(chain) < 8:
             chain.append(str(error))
             error = error.__cause__ or error.__context__
         if any(_PEER_FAILURE.search(text) for text in chain):
             time.sleep(heartbeat_timeout + 10)
-        previous(kind, value, tb)
 
-    sys.excepthook = hook
+    main_hook, thread_hook = sys.excepthook, threading.excepthook
+
+    def in_main(kind, value, tb):
+        wait_if_peer_failure(value)
+        main_hook(kind, value, tb)
+
+    def in_thread(args):
+        wait_if_peer_failure(args.exc_value)
+        thread_hook(args)
+
+    sys.excepthook, threading.excepthook = in_main, in_thread
 
 
 def _relay(child: int, fd: int, report: _Report) -> int:
@@ -321,11 +334,13 @@ def _relay(child: int, fd: int, report: _Report) -> int:
         if status is not None and not chunk:
             break
     os.close(fd)
-    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGABRT and held:
+    code = os.waitstatus_to_exitcode(status)
+    # The runtime's fatal log line, then its end: LOG(FATAL) aborts (SIGABRT, as seen with
+    # jaxlib 0.10.2); absl's quiet LOG(QFATAL) (older jaxlibs) exits with a status instead.
+    if code != 0 and _FATAL.search(held):
         _write(report.line(held).encode())
         return EXIT_PEER_LOST
     _write(held)
-    code = os.waitstatus_to_exitcode(status)
     return code if code >= 0 else 128 - code  # killed by signal S: 128 + S, as a shell says
 
 
