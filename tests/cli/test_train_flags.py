@@ -62,7 +62,7 @@ def test_the_default_is_the_cpu_lm_recipe_unchanged():
     assert (o.optimizer, o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip, o.grad_accum) == (
         "adamw", 0.9, 0.99, 1e-8, 0.3, 1.0, 1)
     assert (o.label_smoothing, o.z_loss, o.max_nonfinite, o.steps_per_call) == (0, 0, 5, 10)
-    assert dataclasses.astuple(tc.data) == ((), 0.1, 12, 128)
+    assert dataclasses.astuple(tc.data) == ((), 0.1, 12, 128, 0)
     assert dataclasses.astuple(tc.loop) == (50, 400, 400, 3, "auto", "")
     assert dataclasses.astuple(tc.eval) == (64, 1, 200, "The ", 0.8)
 
