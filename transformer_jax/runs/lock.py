@@ -16,8 +16,8 @@ checkpoint saves collide. :func:`hold` claims ``<out>/.lock`` for as long as the
   that it is gone and opens the new one), and so are the directories the lock created if
   nothing else was written into them (a run refused for bad data leaves no ``--out`` behind).
 * :func:`hold` is re-entrant within a process (a nested claim of a directory it holds is
-  counted, not refused), and :func:`release_all` lets a command line that ends the process at once (a second Ctrl-C)
-  remove its locks first.
+  counted, not refused), and :func:`release_all` lets a command line that ends the process at
+  once (a second Ctrl-C) remove its locks first.
 
 In a multi-host run only process 0 holds the lock (:func:`hold_lead`); when it is refused, every
 process stops with the same message (the others would otherwise wait for process 0 in their
