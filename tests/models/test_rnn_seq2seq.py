@@ -256,3 +256,15 @@ def test_bad_settings_are_refused():
         RNNSeq2Seq(CFG, cell_type="rnn")
     with pytest.raises(ValueError, match="model must be one of"):
         build_seq2seq("mamba", CFG)
+
+
+def test_bfloat16_parameters_initialise_and_follow_float32():
+    # Flax's orthogonal recurrent init has no bfloat16 QR on a CPU: the model draws it in float32.
+    model = RNNSeq2Seq(dataclasses.replace(CFG, dtype="bfloat16", param_dtype="bfloat16"), "gru")
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), SRC, TGT)["params"]
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    logits = jax.jit(model.apply)({"params": params}, SRC, TGT)
+    exact = RNNSeq2Seq(CFG, "gru").apply(
+        {"params": jax.tree.map(lambda x: x.astype(jnp.float32), params)}, SRC, TGT)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, exact, atol=0.05 * float(np.abs(exact).max()))

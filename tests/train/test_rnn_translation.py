@@ -1,6 +1,8 @@
 """``--model lstm`` on a sequence-to-sequence task: the attentional RNN translator trains through
-the same workload, loop, checkpoints and resume as the Transformer, and the run loads and
-translates through ``load_run`` and the ``translate`` command."""
+the same workload, loop, checkpoints and resume as the Transformer (one device or sharded), and
+the run loads and translates through ``load_run`` and the ``translate`` command."""
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -82,3 +84,25 @@ def test_the_run_loads_and_translates(trained, capsys):
         assert translate.main(["--run", str(out), "--greedy", "a b c d", "h g"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all(set(line.split()) <= set(SYMBOLS) for line in lines)
+
+
+def _six_steps(out, devices, **settings):
+    """The parameters after 6 steps (no dropout, Adam ε = 1e-4 as in test_seq2seq: a tinier ε
+    turns float rounding of exactly-zero gradients into full steps that differ by path)."""
+    tc = TC.replace(out=str(out), steps_per_call=3, log_every=3, eps=1e-4, **settings)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(seq2seq_tasks.TASKS, "reverse", lambda: TASK)
+        mp.setattr(seq2seq, "NUM_VALIDATION", 32)
+        result = loop.run(dataclasses.replace(MODEL, dropout_rate=0.0), tc, devices=devices,
+                          stop_at=6, progress=False, log=lambda message: None)
+    assert result.step == 6 and result.interrupted
+    return result.state.params
+
+
+def test_sharded_over_four_devices_equals_one_device(tmp_path):
+    """The RNN's parameters take the sharding table's rules (FSDP over kernels' first axis)."""
+    one = _six_steps(tmp_path / "one", jax.devices()[:1])
+    many = _six_steps(tmp_path / "many", jax.devices()[:4], parallel="sharded",
+                      mesh="data=2,fsdp=2")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one), jax.tree.leaves(many)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))

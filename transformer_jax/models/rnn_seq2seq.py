@@ -59,12 +59,18 @@ CellType = Literal["lstm", "gru"]
 def _cell(cfg: ModelConfig, cell_type: str, features: int, name: str | None = None
           ) -> nn.RNNCellBase:
     kw = {"features": features, "dtype": cfg.compute_dtype, "param_dtype": cfg.storage_dtype,
-          "name": name}
+          "recurrent_kernel_init": _orthogonal, "name": name}
     if cell_type == "lstm":
         return nn.OptimizedLSTMCell(**kw)
     if cell_type == "gru":
         return nn.GRUCell(**kw)
     raise ValueError(f"cell_type must be 'lstm' or 'gru', got {cell_type!r}")
+
+
+def _orthogonal(key, shape, dtype=jnp.float32):
+    """Flax's recurrent-kernel initialiser, drawn in float32: its QR decomposition has no
+    bfloat16 kernel on a CPU (LAPACK), so ``param_dtype="bfloat16"`` could not initialise."""
+    return nn.initializers.orthogonal()(key, shape, jnp.float32).astype(dtype)
 
 
 def _zero_carry(cell_type: str, batch: int, width: int, dtype) -> Any:
