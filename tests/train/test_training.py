@@ -18,7 +18,7 @@ from transformer_jax import data, models, parallel
 from transformer_jax import train as training
 from transformer_jax.config import PRESETS, RECIPES
 from transformer_jax.runs import metrics
-from transformer_jax.train import loop, optim, tasks
+from transformer_jax.train import logger, loop, optim, tasks
 
 DEFAULT_RUN = RECIPES["cpu-lm"].train  # the default run's training settings
 
@@ -323,3 +323,18 @@ def test_an_mfu_over_100_percent_is_never_shown(tmp_path, devices, monkeypatch):
     assert len(probes) == 3  # at the start, then twice more before giving up
     assert math.isnan(result.mfu) and "above the measured peak of 0.001 GFLOP/s" in \
         result.mfu_note
+
+
+@pytest.mark.parametrize("progress, stderr_tty, stdout_tty, expected", [
+    (None, True, True, (True, False)),  # a terminal: the bar alone
+    (None, True, False, (True, True)),  # train.py | tee log: the bar, and lines in the log
+    (None, False, False, (False, True)),  # no terminal (a batch job): lines
+    (False, True, True, (False, True)),  # --no-progress: lines instead of the bar
+])
+def test_a_progress_bar_on_a_terminal_and_plain_lines_where_none_is_seen(
+        progress, stderr_tty, stdout_tty, expected, monkeypatch):
+    for name, tty in (("stderr", stderr_tty), ("stdout", stdout_tty)):
+        stream = io.StringIO()
+        stream.isatty = lambda tty=tty: tty
+        monkeypatch.setattr(sys, name, stream)
+    assert logger.progress_modes(progress) == expected

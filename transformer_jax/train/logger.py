@@ -4,7 +4,7 @@
 so the host never waits for the device except at log points), and writes one
 ``metrics.jsonl`` line per log point with the interval's mean loss, the learning rate,
 tokens/s and MFU (:class:`~transformer_jax.runs.metrics.Utilisation`). On a terminal a tqdm bar
-shows the progress; without one (output piped or written to a file), a plain line every
+shows the progress; without one, or with stdout piped or written to a file, a plain line every
 ``log_every`` steps: step, loss, tokens/s and the time left.
 
 A run interrupted between two log points writes no line for its last steps: their per-step
@@ -31,7 +31,7 @@ from transformer_jax.runs import metrics
 from transformer_jax.train.optim import make_schedule
 from transformer_jax.train.workload import Workload
 
-__all__ = ["Clock", "MetricsLog", "NonFiniteError"]
+__all__ = ["Clock", "MetricsLog", "NonFiniteError", "progress_modes"]
 
 
 class NonFiniteError(RuntimeError):
@@ -63,14 +63,19 @@ class Clock:
         return {"time_s": now - self.t_start, "train_s": now - self.t_start - self.paused}
 
 
-def _shows_bar(progress: bool | None) -> bool:
-    """A tqdm bar (on stderr) when asked, or by default when stderr is a terminal."""
-    if progress is not None:
-        return progress
+def _is_terminal(stream: Any) -> bool:
     try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):  # replaced or closed stderr
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stream
         return False
+
+
+def progress_modes(progress: bool | None) -> tuple[bool, bool]:
+    """(tqdm bar on stderr, plain progress lines): the bar when asked, by default when stderr
+    is a terminal; plain lines where no bar is seen: no bar, or stdout piped or written to a
+    file (``train.py | tee log``)."""
+    bar = _is_terminal(sys.stderr) if progress is None else progress
+    return bar, not (bar and _is_terminal(sys.stdout))
 
 
 def _duration(seconds: float) -> str:
@@ -89,8 +94,8 @@ class MetricsLog:
       writer: the ``metrics.jsonl`` writer (``None`` on processes other than 0).
       log: where plain progress lines go.
       start: the step this run starts from.
-      progress: show a tqdm bar; ``None``: when stderr is a terminal. Without a bar, a plain
-        line per log point.
+      progress: show a tqdm bar; ``None``: when stderr is a terminal. Without a bar, or with
+        stdout not a terminal, a plain line per log point.
       clock: the run's clock.
       carried: the per-step metrics of an interrupted interval, from the checkpoint's
         metadata (:meth:`carried`), or ``None``.
@@ -112,8 +117,8 @@ class MetricsLog:
             self.interval.append({"loss": np.asarray(carried["loss"], np.float32),
                                   "nonfinite": np.asarray(carried["nonfinite"], np.int32)})
         self.pending = None
-        bar = _shows_bar(progress)
-        self.plain = not bar and writer is not None
+        bar, plain = progress_modes(progress)
+        self.plain = plain and writer is not None
         self.bar = tqdm(total=tc.schedule.steps, initial=start, unit="step", dynamic_ncols=True,
                         disable=not bar, desc="train")
         self.postfix: dict[str, str] = {}

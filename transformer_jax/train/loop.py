@@ -117,8 +117,8 @@ def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | Non
         resolve to (default: :func:`~transformer_jax.train.tasks.build_workload` of
         ``tc.task``).
       stop_at: stop at this step as if SIGTERM had arrived (checkpoint, no final eval/sample).
-      progress: show a tqdm bar; ``None``: only when stderr is a terminal. Without a bar, a
-        plain progress line every ``tc.loop.log_every`` steps.
+      progress: show a tqdm bar; ``None``: only when stderr is a terminal. Without a bar, or
+        with stdout not a terminal, a plain progress line every ``tc.loop.log_every`` steps.
       log: where messages go (default: ``tqdm.write``, which keeps the bar intact).
       accept_changes: resume a run in ``tc.out`` whose training settings differ in more than
         :data:`~transformer_jax.runs.identity.FREE_ON_RESUME` (refused otherwise).
