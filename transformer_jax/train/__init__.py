@@ -6,8 +6,10 @@
   interface: what the loop needs to know of a task (model, compiled steps, batches,
   validation, final evaluation). :mod:`~transformer_jax.train.lm` and
   :mod:`~transformer_jax.train.seq2seq` implement it.
-* :mod:`~transformer_jax.train.loop`: the loop that drives any workload (resume, logging,
-  evaluation, checkpoints, SIGTERM).
+* :mod:`~transformer_jax.train.loop`: the loop that drives any workload (resume, SIGTERM and
+  Ctrl-C), with its parts :mod:`~transformer_jax.train.logger` (metrics, progress, MFU),
+  :mod:`~transformer_jax.train.evaluator` (validation, the final evaluation) and
+  :mod:`~transformer_jax.train.saver` (checkpoints).
 """
 
 from transformer_jax.train.optim import make_optimizer, make_schedule
