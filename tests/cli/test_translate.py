@@ -71,6 +71,29 @@ def test_bad_input_is_one_message_and_exit_2(run_dir, args, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+def test_list_vocab_prints_the_words_of_the_task(run_dir, capsys):
+    assert translate.main(["--run", str(run_dir), "--list-vocab"]) == 0
+    out = capsys.readouterr().out.split()
+    assert out == [w for w in TASK.vocab if not w.startswith("<")]  # no <pad>, <bos>, <eos>
+
+
+def test_an_unknown_word_error_names_known_words(run_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        translate.main(["--run", str(run_dir), "a zebra b"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'zebra'" in err
+    named = err.split("known words: ")[1].split(", ...")[0].split(", ")
+    assert len(named) >= 3 and all(w in TASK.ids and not w.startswith("<") for w in named)
+    assert "--list-vocab" in err
+
+
+def test_no_sentence_exits_2(run_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        translate.main(["--run", str(run_dir)])
+    assert e.value.code == 2 and "--list-vocab" in capsys.readouterr().err
+
+
 def test_missing_or_language_model_run_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         translate.main(["--run", str(tmp_path / "nowhere"), "a"])

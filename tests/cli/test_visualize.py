@@ -134,7 +134,7 @@ def test_encoder_decoder_attention_pngs(seq2seq_run, tmp_path, extra):
     assert visualize.main(["attention", "--run", str(seq2seq_run), "--src", "a b c d e",
                            *extra, "--out", str(out)]) == 0
     w, h = png_size(out)
-    assert 300 < w < 2000 and 300 < h < 2000
+    assert 300 < w < 2000 and 200 < h < 2000  # 4 tokens, 2 heads: one short row of maps
 
 
 @pytest.mark.parametrize("args,message", [
@@ -151,3 +151,30 @@ def test_encoder_decoder_bad_arguments_exit_2(seq2seq_run, tmp_path, capsys, arg
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("n_heads,head,n_tokens", [(2, None, 2), (1, 0, 1), (4, None, 3),
+                                                   (2, None, 20)])
+def test_the_title_sits_above_the_head_titles(monkeypatch, tmp_path, n_heads, head, n_tokens):
+    """A short sentence makes a small figure: the title must not cover the heads' titles."""
+    from matplotlib.figure import Figure
+
+    boxes = []  # (the title's box, the head titles' boxes) as drawn when saved
+
+    def savefig(fig, *args, **kwargs):
+        save(fig, *args, **kwargs)
+        renderer = fig.canvas.get_renderer()
+        fig.draw(renderer)
+        boxes.append((fig._suptitle.get_window_extent(renderer),
+                      [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]))
+
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    probs = np.full((n_heads, n_tokens, n_tokens + 1), 1.0 / (n_tokens + 1), np.float32)
+    labels = [f"w{i}" for i in range(n_tokens + 1)]
+    visualize.plot_attention(probs, labels[:n_tokens], labels, tmp_path / "a.png", head=head,
+                             title="run step 10: cross-attention, layer 0")
+    ((title, heads),) = boxes
+    assert len(heads) == (1 if head is not None else n_heads)
+    for box in heads:
+        assert title.y0 >= box.y1, (title, box)  # above, not overlapping
