@@ -97,7 +97,10 @@ def plot_attention(probs: np.ndarray, rows: Sequence[str], cols: Sequence[str], 
     ncols = min(4, len(heads))
     nrows = math.ceil(len(heads) / ncols)
     size = 2.2 + 0.13 * max(len(rows), len(cols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    # Constrained layout makes room for the title above the heads' titles; with a fixed
+    # position, the short figure of a short sentence put it over them.
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[len(heads):]:
         ax.axis("off")
     fontsize = max(5, min(10, 400 // max(len(rows), len(cols), 1)))
