@@ -73,7 +73,8 @@ def cpu_matmul_probe(n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a jitted float32 ``[n, n] @ [n, n]`` on the default CPU device (median of runs).
 
     Measured once per process (cached): on a shared machine the probe and the workload should
-    be measured close together, and the probe costs ~1 s.
+    be measured close together, and the probe (``repeats`` timed matmuls of ``n``² floats, after
+    a compile) is too slow to repeat often.
     """
     import jax
     import jax.numpy as jnp
