@@ -110,10 +110,13 @@ def test_the_holder_refreshes_its_heartbeat(tmp_path, monkeypatch):
         assert os.stat(path).st_mtime > time.time() - 60
 
 
-def test_hold_is_reentrant_and_release_all_frees_everything(tmp_path):
+def test_one_claim_per_process_and_release_all_frees_everything(tmp_path):
     run_dir = tmp_path / "run"
-    with lock.hold(run_dir), lock.hold(run_dir):  # run() and train() both hold it
+    with lock.hold(run_dir):  # loop.run claims the directory once
         assert (run_dir / ".lock").exists()
+        with pytest.raises(RuntimeError, match="already held"), lock.hold(run_dir):
+            pass
+        assert (run_dir / ".lock").exists()  # the refused second claim released nothing
     assert not (run_dir / ".lock").exists()
     cm = lock.hold(run_dir)
     cm.__enter__()

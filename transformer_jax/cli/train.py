@@ -11,7 +11,8 @@ Re-running a command with the same ``--out`` resumes from the run's latest check
 whose settings would make it another run is refused (exit 2) before anything is written.
 Exit status: 0 done (or stopped by SIGTERM with a checkpoint), 1 training diverged, 2 bad input
 (or ``--out`` in use by another run), 74 a checkpoint or ``metrics.jsonl`` could not be written
-(full disk, no permission, read-only filesystem; the last good checkpoint is intact), 130
+(full disk, no permission, read-only filesystem; the last good checkpoint is intact), 75 a
+host of a multi-host run stopped responding (start every process again: they resume), 130
 stopped by Ctrl-C (the first Ctrl-C saves a checkpoint at the end of the step in progress; a
 second one stops at once without saving).
 """

@@ -15,9 +15,9 @@ checkpoint saves collide. :func:`hold` claims ``<out>/.lock`` for as long as the
 * Released, the file is removed (while still locked, so a run that opened it in between sees
   that it is gone and opens the new one), and so are the directories the lock created if
   nothing else was written into them (a run refused for bad data leaves no ``--out`` behind).
-* :func:`hold` is re-entrant within a process (a nested claim of a directory it holds is
-  counted, not refused), and :func:`release_all` lets a command line that ends the process at
-  once (a second Ctrl-C) remove its locks first.
+* A process claims a directory once (``loop.run`` takes the lock; a second claim is a
+  programming error), and :func:`release_all` lets a command line that ends the process at once
+  (a second Ctrl-C) remove its locks first.
 
 In a multi-host run only process 0 holds the lock (:func:`hold_lead`); when it is refused, every
 process stops with the same message (the others would otherwise wait for process 0 in their
@@ -60,7 +60,7 @@ class _Lock:
     """A claimed ``<out>/.lock``: the open, flocked file and its heartbeat thread."""
 
     def __init__(self, out: Path, fd: int, created: list[Path]):
-        self.out, self.path, self.fd, self.depth = out, out / LOCK, fd, 1
+        self.out, self.path, self.fd = out, out / LOCK, fd
         self.created = created  # directories made for the lock, innermost first
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name=f"lock {out}", daemon=True)
@@ -92,20 +92,18 @@ def hold(out: str | os.PathLike) -> Iterator[None]:
     Raises:
       RunLocked: another live run holds it.
       RunConfigError: ``out`` cannot be created or the lock file cannot be written.
+      RuntimeError: this process holds it already (a programming error: one run, one claim).
     """
     key = Path(out).absolute()
     with _held_guard:
-        lock = _held.get(key)
-        if lock is not None:
-            lock.depth += 1
-        else:
-            lock = _held[key] = _acquire(key)
+        if key in _held:
+            raise RuntimeError(f"{key} is already held by this process")
+        lock = _held[key] = _acquire(key)
     try:
         yield
     finally:
         with _held_guard:
-            lock.depth -= 1
-            if lock.depth == 0 and _held.get(key) is lock:
+            if _held.get(key) is lock:
                 del _held[key]
                 lock.release()
 
