@@ -26,6 +26,7 @@ _LAZY: dict[str, str] = {
     "dot_product_attention": "attention",
     "make_causal_mask": "attention",
     "make_padding_mask": "attention",
+    "ring_attention": "attention",
     "scaled_dot_product_attention": "attention",
     "ModelConfig": "config",
     "PRESETS": "config",
