@@ -192,6 +192,10 @@ def _seq2seq_attention(args, loaded: LoadedRun) -> None:
     if not args.src.split():
         raise VisualizeError("--src is empty")
     task = loaded.task
+    if task is None:  # trained on a parallel dataset: subwords of its tokenizer
+        src_ids, tgt_ids, src_labels, tgt_labels = _corpus_pair(args, loaded)
+        _plot_seq2seq(args, loaded, src_ids, tgt_ids, src_labels, tgt_labels)
+        return
     try:
         src_ids = task.source_ids([args.src.lower().split()])
         if args.tgt is not None:
@@ -206,13 +210,38 @@ def _seq2seq_attention(args, loaded: LoadedRun) -> None:
     except ValueError as e:
         raise VisualizeError(str(e)) from None
     src_ids = src_ids[:, :int((src_ids != 0).sum())]  # words and <eos>, no padding
+    _plot_seq2seq(args, loaded, src_ids, tgt_ids, [task.vocab[i] for i in src_ids[0]],
+                  [task.vocab[i] for i in tgt_ids[0]])
+
+
+def _corpus_pair(args, loaded: LoadedRun):
+    """(src [1, S], tgt [1, T], their labels) of a run on a parallel dataset: --src and --tgt
+    (default: the model's own beam-search translation) in the run's subwords."""
+    from transformer_jax.train import translation
+
+    cfg, tok = loaded.model_cfg, loaded.tokenizer
+    codec = translation.TextCodec(tok, cfg.pad_id, cfg.eos_id)
+    tgt = args.tgt if args.tgt is not None else translation.translate_texts(
+        loaded.model, loaded.params, codec, [args.src])[0]
+    src_ids, tgt_ids = codec.encode(args.src), codec.encode(tgt)
+    limit = min(cfg.max_len - 1, _MAX_TOKENS)
+    if args.tgt is None:  # the model's own translation: an unfinished one is cut to fit
+        tgt_ids = tgt_ids[:limit]
+    if not 1 <= len(src_ids) <= limit or len(tgt_ids) > limit:
+        raise VisualizeError(f"--src is {len(src_ids)} and the target {len(tgt_ids)} subwords; "
+                             f"each must be 1 to {limit}")
+    src = np.asarray(src_ids, np.int32)[None]
+    tgt = np.asarray([cfg.bos_id, *tgt_ids], np.int32)[None]
+    return src, tgt, _labels(tok, src[0]), ["<bos>", *_labels(tok, tgt[0, 1:])]
+
+
+def _plot_seq2seq(args, loaded: LoadedRun, src_ids, tgt_ids, src_labels, tgt_labels) -> None:
+    """Draw the ``--kind`` attention of one encoder–decoder pair."""
     maps = attention_maps(loaded.model, loaded.params, src_ids, tgt_ids)
     kind = args.kind or "cross"
     block, module, title = _KINDS[kind]
     names = [n for n in maps if n.startswith(block + "_") and n.endswith("/" + module)]
     probs = _pick(maps, names, args)
-    src_labels = [task.vocab[i] for i in src_ids[0]]
-    tgt_labels = [task.vocab[i] for i in tgt_ids[0]]
     rows = src_labels if block == "encoder" else tgt_labels
     cols = tgt_labels if kind == "decoder" else src_labels
     plot_attention(probs, rows, cols, Path(args.out), head=args.head,
@@ -239,7 +268,7 @@ def _attention_command(args) -> str:
         loaded = load_run(run)
     except CheckpointError as e:
         raise VisualizeError(str(e)) from None
-    if loaded.task is not None:
+    if loaded.task is not None or loaded.train_cfg.task != "lm":  # generated task or corpus
         _seq2seq_attention(args, loaded)
         return args.out
     if args.src is not None or args.tgt is not None or args.kind is not None:
