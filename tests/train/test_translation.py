@@ -16,6 +16,7 @@ from transformer_jax.data.pair_dataset import open_pairs
 from transformer_jax.data.pair_files import pair_files
 from transformer_jax.data.prepare_pairs import PairSettings, prepare_pairs
 from transformer_jax.parallel import resolve
+from transformer_jax.runs.load import load_run
 from transformer_jax.train import loop, translation
 from transformer_jax.train.tasks import build_workload
 
@@ -111,13 +112,16 @@ def test_a_batch_is_a_function_of_seed_and_step_and_rows(dataset, full_run):
 
 
 def test_resume_is_bit_exact(dataset, full_run, tmp_path):
-    _, model, tc, result, _ = full_run
+    out, model, tc, _, _ = full_run
     split = tc.replace(out=str(tmp_path / "split"))
-    first = loop.run(model, split, stop_at=4, progress=False, log=lambda m: None)
-    assert first.interrupted and first.step == 4
-    second = loop.run(model, split, progress=False, log=lambda m: None)
-    assert second.start_step == 4 and second.step == 8
-    jax.tree.map(np.testing.assert_array_equal, second.state.params, result.state.params)
+    first = loop.run(model, split, stop_at=3, progress=False, log=lambda m: None)
+    assert first.interrupted and first.step == 3
+    # Stopped again before the end (no final evaluation): compared with the uninterrupted
+    # run's checkpoint of the same step.
+    second = loop.run(model, split, stop_at=6, progress=False, log=lambda m: None)
+    assert second.start_step == 3 and second.step == 6
+    reference = load_run(out, step=6).params
+    jax.tree.map(np.testing.assert_array_equal, second.state.params, reference)
 
 
 def test_validation_and_test_scores_are_written(dataset, full_run):
