@@ -174,7 +174,6 @@ def child_data_path(dataset: str) -> dict:
 
 def child_step_time() -> dict:
     """Seconds of the default model's compiled train call (K steps of B x T), median of 5."""
-    import dataclasses
     import functools
     import statistics
 
