@@ -185,3 +185,15 @@ def test_the_translate_text_recipe_is_chosen_for_a_corpus(dataset):
     assert RECIPES["paper-base"].train.data.batch_tokens == 25_000  # §5.1
     model, tc = train_cli.configure(["--task", "translate"])  # the generated toy language
     assert tc.out == "runs/translate" and not tc.data.data
+
+
+def test_settings_that_cannot_train_are_refused(dataset, tmp_path):
+    from transformer_jax.runs.rundir import RunConfigError
+
+    model, tc = configs(dataset, tmp_path / "x")
+    cases = [(model, tc.replace(steps_per_call=10), "steps_per_call 10"),
+             (dataclasses.replace(model, vocab_size=301), tc, "vocabulary of"),
+             (dataclasses.replace(model, max_len=8), tc, "max_len >= ")]
+    for m, t, words in cases:
+        with pytest.raises(RunConfigError, match=words):
+            build_workload(m, t, resolve("none"), log=lambda m: None)
