@@ -70,7 +70,7 @@ def configs(model: str, seq_len: int, lr: float, steps: int, out: Path):
     steps = max(every, steps // every * every)
     train_cfg = base_train.replace(
         model=model, seq_len=seq_len, batch_size=BATCH[seq_len], lr=lr,
-        weight_decay=WEIGHT_DECAY, steps=steps, warmup=min(base_train.warmup, steps // 10),
+        weight_decay=WEIGHT_DECAY, steps=steps, warmup=min(base_train.schedule.warmup, steps // 10),
         log_every=every, eval_every=every, ckpt_every=steps, steps_per_call=10, sample_tokens=0,
         out=str(out))
     return model_cfg, train_cfg

@@ -2,11 +2,15 @@
 translation memory against a dense float64 cosine over the same trigram TF-IDF."""
 
 import struct
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from benchmarks import baselines, catalogs
+# Plain `pytest` puts tests/ on the path, not the checkout: the benchmarks are scripts there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks import baselines, catalogs  # noqa: E402
 
 
 def _mo(path, entries, order="<", charset="UTF-8"):
