@@ -13,7 +13,6 @@ that must refuse the other kind (:func:`check_kind`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -22,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from transformer_jax.data.bpe import load_tokenizer
 from transformer_jax.data.corpus import DataError
 from transformer_jax.data.prepare import FORMAT as LM_FORMAT
-from transformer_jax.data.prepare import META, TOKENIZER
+from transformer_jax.data.prepare import META
 from transformer_jax.data.prepare_pairs import FORMAT, KIND, SPLITS, VERSION
+from transformer_jax.data.prepared import read_tokenizer
 
 __all__ = ["PairDataset", "PairSplit", "check_kind", "dataset_kind", "is_parallel",
            "open_pairs"]
@@ -241,16 +240,6 @@ def open_pairs(path: str | os.PathLike) -> PairDataset:
     """
     path = Path(path)
     meta = _read_meta(path)
-    file = path / TOKENIZER
-    if not file.is_file():
-        raise DataError(f"{path} has no {TOKENIZER}; prepare the dataset again")
-    raw = file.read_bytes()
-    if hashlib.sha256(raw).hexdigest() != meta["tokenizer"]["sha256"]:
-        raise DataError(f"{file} differs from the tokenizer the dataset was prepared with (its "
-                        "sha256 in meta.json); restore it or prepare the dataset again")
-    try:
-        tok = load_tokenizer(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"{file} cannot be read: {e}") from None
+    tok, tok_json = read_tokenizer(path, meta)
     splits = {name: PairSplit(path, name, meta, tok.vocab_size) for name in SPLITS}
-    return PairDataset(path, meta, tok, raw.decode("utf-8"), **splits)
+    return PairDataset(path, meta, tok, tok_json, **splits)

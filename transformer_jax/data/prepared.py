@@ -23,7 +23,7 @@ from transformer_jax.data.prepare import FORMAT, META, TOKENIZER, VERSION
 from transformer_jax.data.tokenizer import ByteTokenizer
 
 __all__ = ["LMData", "PreparedDataset", "ShardedTokens", "data_vocab_size", "is_prepared",
-           "load_lm_data", "looks_prepared", "open_dataset"]
+           "load_lm_data", "looks_prepared", "open_dataset", "read_tokenizer"]
 
 
 def is_prepared(path: str | os.PathLike) -> bool:
@@ -159,7 +159,13 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _read_tokenizer(path: Path, meta: dict[str, Any]) -> tuple[Any, str]:
+def read_tokenizer(path: Path, meta: dict[str, Any]) -> tuple[Any, str]:
+    """(tokenizer, its JSON) of a dataset folder, checked against ``meta.json``'s record of it
+    (any dataset ``prepare`` writes, text or pairs).
+
+    Raises:
+      DataError: the file is missing, altered, unreadable or of another size.
+    """
     file = path / TOKENIZER
     if not file.is_file():
         raise DataError(f"{path} has no {TOKENIZER}; prepare the dataset again")
@@ -204,7 +210,7 @@ def open_dataset(path: str | os.PathLike) -> PreparedDataset:
     """
     path = Path(path)
     meta = _read_meta(path)
-    tok, tok_json = _read_tokenizer(path, meta)
+    tok, tok_json = read_tokenizer(path, meta)
     train, val = (_split(path, meta, name, tok.vocab_size) for name in ("train", "val"))
     return PreparedDataset(path, meta, tok, tok_json, train, val)
 
