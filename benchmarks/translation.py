@@ -53,6 +53,8 @@ def _parser():
     p.add_argument("--source-lang", default="en", help="JSONL: translation.<lang> of the source")
     p.add_argument("--target-lang", default="de", help="JSONL: translation.<lang> of the target")
     p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    p.add_argument("--batch-tokens", type=int,
+                   help="token slots a side of a batch (default: the recipe's)")
     p.add_argument("--work", type=Path, default=Path("/tmp/translation-benchmark"),
                    help="corpus, dataset and run directory (default: %(default)s; replaced)")
     return p
@@ -88,7 +90,8 @@ def _configs(args, dataset: Path, out: Path):
     # the first and the last of the 5 averaged ones.
     every = recipe.train.loop.ckpt_every * steps // recipe.train.schedule.steps
     tc = recipe.train.replace(data=(str(dataset),), out=str(out), steps=steps,
-                              eval_every=max(steps // 4, 1), ckpt_every=max(every, 1))
+                              eval_every=max(steps // 4, 1), ckpt_every=max(every, 1),
+                              batch_tokens=args.batch_tokens or recipe.train.data.batch_tokens)
     return model, tc
 
 
