@@ -16,7 +16,7 @@ sacreBLEU and chrF on detokenised text. Beside it, in the same run and on the sa
   similar other source by character-trigram TF-IDF cosine, as ``msgmerge`` proposes fuzzy
   entries. That is what a translator would use instead of a model.
 
-``--quick`` is the budgeted run (the recipe's steps; about 10 minutes on 2 idle CPU cores,
+``--quick`` is the budgeted run (the recipe's steps: about 10 minutes on 2 CPU cores,
 compilation included); without it the run trains 3 times as many steps. Writes results.json
 (test_bleu, copy_bleu, memory_bleu, chrf, wall_s, num_train_pairs, the signatures, example
 translations, the real-token share of the batches), results.md and bleu_vs_time.png to
