@@ -278,8 +278,8 @@ def trained() -> dict[Command, tuple]:
     for command in COMMANDS:
         if command.words[:1] == ("train.py",):
             try:
-                found[command] = train.configure(_with_config_files(list(command.words[1:]),
-                                                                    None))
+                found[command] = train.configure(_with_fixture_data(
+                    _with_config_files(list(command.words[1:]), None)))
             except (SystemExit, ValueError, LookupError):
                 pass  # this command's own test case says why
     return found
@@ -314,6 +314,33 @@ def test_no_two_commands_train_different_runs_into_one_directory(trained):
                            f"write {out} but train different runs ({'; '.join(fixed)}): give "
                            "one of them its own --out")
     assert not clashes, "\n".join(clashes)
+
+
+@cache
+def _pairs_dataset() -> str:
+    """A tiny parallel dataset, prepared once, standing in for the docs' ``--data`` folders of
+    ``--task translate`` (train.py reads the vocabulary from the dataset it is given)."""
+    import tempfile
+
+    from transformer_jax.data.pair_files import pair_files
+    from transformer_jax.data.prepare_pairs import PairSettings, prepare_pairs
+
+    root = Path(tempfile.mkdtemp(prefix="docs-pairs-"))
+    words = ["file", "open", "could", "not", "the", "save", "error", "read", "write", "disk"]
+    lines = [f"{a} {b} {c}\t{c} {b} {a}" for a in words for b in words for c in words[:3]]
+    (root / "pairs.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    prepare_pairs(pair_files([root / "pairs.tsv"]), root / "ds", PairSettings(vocab_size=300),
+                  log=lambda message: None)
+    return str(root / "ds")
+
+
+def _with_fixture_data(argv: list[str]) -> list[str]:
+    """``--task translate --data DIR`` with DIR missing: the tiny dataset instead."""
+    if "--data" in argv and "--task" in argv and argv[argv.index("--task") + 1] == "translate":
+        i = argv.index("--data") + 1
+        if i < len(argv) and not Path(argv[i]).exists():
+            return [*argv[:i], _pairs_dataset(), *argv[i + 1:]]
+    return argv
 
 
 def _with_config_files(argv: list[str], tmp_path: Path | None) -> list[str]:
@@ -355,7 +382,8 @@ def _parse(words: tuple[str, ...], monkeypatch, tmp_path) -> tuple[str, argparse
     if head == "train.py":
         from transformer_jax.cli import train
 
-        return "train", argparse.Namespace(cfg=train.configure(_with_config_files(argv, tmp_path)))
+        return "train", argparse.Namespace(
+            cfg=train.configure(_with_fixture_data(_with_config_files(argv, tmp_path))))
     if head == "-m" and argv and argv[0].startswith("transformer_jax."):
         name = argv[0].removeprefix("transformer_jax.")
         module = importlib.import_module(f"transformer_jax.cli.{name}")
