@@ -39,7 +39,7 @@ from transformer_jax.config import ModelConfig, TrainConfig
 from transformer_jax.data import token_batches as tb
 from transformer_jax.data.pair_dataset import PairDataset, check_kind, open_pairs
 from transformer_jax.data.prepare import TOKENIZER
-from transformer_jax.models import Transformer, accounting, count_params
+from transformer_jax.models import accounting, build_seq2seq, count_params
 from transformer_jax.parallel import Placement, distributed
 from transformer_jax.runs.checkpoint import Checkpointer
 from transformer_jax.runs.rundir import RunConfigError
@@ -104,20 +104,17 @@ def _functions(model_cfg: ModelConfig, step_cfg: TrainConfig, mean_len: int,
                placement: Placement) -> StepFunctions:
     """Model, optimizer and steps (jit compiles each bucket's shape once, on first use)."""
     return compile_steps(
-        Transformer(model_cfg), step_cfg, model_cfg.d_model, placement,
+        build_seq2seq(step_cfg.model, model_cfg), step_cfg, model_cfg.d_model, placement,
         # The parameters do not depend on the lengths (sinusoidal positions): any will do.
         init_state=functools.partial(init_state, input_lengths=(8, 8)),
         eval_step=_eval_step,
         flops_per_token=lambda params: accounting.seq2seq_flops_per_token(
-            count_params(params), model_cfg, mean_len),
+            count_params(params), model_cfg, mean_len, model=step_cfg.model),
         dropout=model_cfg.dropout_rate > 0, loss_and_grads=_loss_and_grads)
 
 
 def _check(model_cfg: ModelConfig, tc: TrainConfig, data: PairDataset,
            placement: Placement) -> None:
-    if tc.model != "transformer":
-        raise RunConfigError(f"translation trains the encoder-decoder Transformer; --model "
-                             f"{tc.model} is a language model")
     if model_cfg.vocab_size != data.vocab_size:
         raise RunConfigError(f"the data ({data.path}) has a vocabulary of {data.vocab_size} "
                              f"tokens, the model's vocab_size is {model_cfg.vocab_size}; they "
@@ -245,7 +242,7 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any
             "chrf_signature": str(chrf.get_signature())}
 
 
-def decode_texts(model: Transformer, params: Any, data: Any, sources: Sequence[np.ndarray], *,
+def decode_texts(model: Any, params: Any, data: Any, sources: Sequence[np.ndarray], *,
                  greedy: bool = False, beam_size: int = 4, alpha: float = 0.6,
                  extra: int = 50) -> list[str]:
     """Decode token-id sources into detokenised texts, in the input's order.
@@ -317,7 +314,7 @@ class TextCodec:
         return self.tokenizer.decode(ids[ids >= len(self.tokenizer.special_ids)])
 
 
-def translate_texts(model: Transformer, params: Any, codec: TextCodec, texts: Sequence[str],
+def translate_texts(model: Any, params: Any, codec: TextCodec, texts: Sequence[str],
                     **kwargs: Any) -> list[str]:
     """Translate raw texts with a model trained on a parallel dataset, in the input's order.
 
