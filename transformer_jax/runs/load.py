@@ -86,7 +86,7 @@ def load_run(run_dir: str | os.PathLike, *, step: int | None = None, average_las
     if tc.task == "lm":
         model, task = models.build_model(tc.model, model_cfg), None
     elif tc.task == "translate" and tc.data.data:  # a parallel dataset: no generated task
-        model, task = models.Transformer(model_cfg), None
+        model, task = models.build_seq2seq(tc.model, model_cfg), None
     else:
         model, task = models.build_seq2seq(tc.model, model_cfg), get_task(tc.task)
     expect = checkpoint_expectation(model_cfg)
