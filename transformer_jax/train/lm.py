@@ -11,7 +11,6 @@ validation covers the whole validation split once; the end of training samples t
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from transformer_jax.data import ByteTokenizer, batches
 from transformer_jax.data.prepared import LMData, load_lm_data
 from transformer_jax.models import accounting
 from transformer_jax.parallel import Placement, check_batch
-from transformer_jax.runs.rundir import RunConfigError
+from transformer_jax.runs.rundir import RunConfigError, write_text_atomic
 from transformer_jax.train.step import eval_step, init_state
 from transformer_jax.train.workload import (
     StepFunctions,
@@ -77,11 +76,10 @@ def _check_run_tokenizer(out: Path, data: LMData) -> None:
                              "use another --out")
 
 
-def _keep_tokenizer(text: str, out: Path) -> None:
-    """Write ``out/tokenizer.json`` (a temporary file, then ``os.replace``: never half a file)."""
-    tmp = out / f".{TOKENIZER}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out / TOKENIZER)
+def keep_tokenizer(text: str, out: Path) -> None:
+    """The run directory's copy of the data's tokenizer (``sample``/``translate --run`` read
+    it), written atomically: never half a file."""
+    write_text_atomic(out / TOKENIZER, text)
 
 
 def workload(model_cfg: ModelConfig, tc: TrainConfig, placement: Placement, *,
@@ -123,4 +121,4 @@ def workload(model_cfg: ModelConfig, tc: TrainConfig, placement: Placement, *,
         sample=sample if tc.eval.sample_tokens else None,
         bytes_per_target=data.bytes_per_target,
         run_files=(None if data.tokenizer_json is None else
-                   functools.partial(_keep_tokenizer, data.tokenizer_json)))
+                   functools.partial(keep_tokenizer, data.tokenizer_json)))

@@ -25,7 +25,6 @@ step (``steps_per_call`` 1).
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,12 @@ from transformer_jax import decoding
 from transformer_jax.config import ModelConfig, TrainConfig
 from transformer_jax.data import token_batches as tb
 from transformer_jax.data.pair_dataset import PairDataset, check_kind, open_pairs
-from transformer_jax.data.prepare import TOKENIZER
 from transformer_jax.models import accounting, build_seq2seq, count_params
 from transformer_jax.parallel import Placement, distributed
 from transformer_jax.runs.checkpoint import Checkpointer
-from transformer_jax.runs.rundir import RunConfigError
+from transformer_jax.runs.rundir import RunConfigError, write_text_atomic
 from transformer_jax.train import seq2seq
+from transformer_jax.train.lm import keep_tokenizer
 from transformer_jax.train.step import init_state
 from transformer_jax.train.workload import (
     StepFunctions,
@@ -139,13 +138,6 @@ def _check(model_cfg: ModelConfig, tc: TrainConfig, data: PairDataset,
                              "for now; the mesh kinds take one batch shape a run")
 
 
-def _keep_tokenizer(text: str, out: Path) -> None:
-    """The run directory's copy of the dataset's tokenizer (``translate --run`` reads it)."""
-    tmp = out / f".{TOKENIZER}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out / TOKENIZER)
-
-
 def workload(model_cfg: ModelConfig, tc: TrainConfig, placement: Placement, *,
              log: Callable[[str], None]) -> Workload:
     """The encoder–decoder on the parallel dataset ``tc.data.data``.
@@ -207,7 +199,7 @@ def workload(model_cfg: ModelConfig, tc: TrainConfig, placement: Placement, *,
                      f"{tokens:,} token slots a side in {len(train_plan.boundaries)} length "
                      f"buckets, {100 * share:.1f}% real tokens"),
         unit="token", finish=finish,
-        run_files=functools.partial(_keep_tokenizer, data.tokenizer_json),
+        run_files=functools.partial(keep_tokenizer, data.tokenizer_json),
         interval_metrics=interval_metrics, eval_metrics=eval_metrics, batch_shape=batch_shape)
 
 
@@ -355,9 +347,7 @@ def _finish(fns: StepFunctions, data: PairDataset, tc: TrainConfig, placement: P
     copy = score([s for s, _ in texts], refs)
     out = Path(tc.out)
     if distributed.is_lead():
-        tmp = out / f".{HYPOTHESES}.tmp"
-        tmp.write_text("".join(one_line(h) + "\n" for h in hyps), encoding="utf-8")
-        os.replace(tmp, out / HYPOTHESES)
+        write_text_atomic(out / HYPOTHESES, "".join(one_line(h) + "\n" for h in hyps))
     record = {"test_bleu": result["bleu"], "test_chrf": result["chrf"],
               "copy_bleu": copy["bleu"], "copy_chrf": copy["chrf"],
               "bleu_signature": result["bleu_signature"],
