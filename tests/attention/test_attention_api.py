@@ -353,15 +353,22 @@ def test_bad_inputs_raise_clear_errors(name, args, exc, message):
         dot_product_attention(**args)
 
 
+# Cases jax.nn lets through (it casts a complex bias): ours refuses them, nothing to match.
+JAX_NN_ACCEPTS = {"bias dtype"}
+
+
 @pytest.mark.parametrize("name,args", [b[:2] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
 def test_bad_inputs_raise_what_jax_nn_raises(name, args):
     """Code that catches jax.nn's exception catches ours (ValueError, also for dtypes)."""
+    if name in JAX_NN_ACCEPTS:  # still true of the installed jax, or the set is out of date
+        jax.nn.dot_product_attention(**args)
+        return
     try:
         jax.nn.dot_product_attention(**args)
     except Exception as e:  # noqa: BLE001 (the point is which class jax.nn raises)
         expected = type(e)
     else:
-        pytest.skip(f"jax.nn accepts the {name} case")
+        raise AssertionError(f"jax.nn accepts the {name} case: add it to JAX_NN_ACCEPTS")
     with pytest.raises(expected):
         dot_product_attention(**args)
 
