@@ -145,7 +145,12 @@ def read_configs(run_dir: str | os.PathLike) -> tuple[ModelConfig, TrainConfig]:
     Raises:
       RunConfigError: as :func:`read_config`, or a field is unknown or out of range.
     """
-    config = read_config(run_dir)
+    return _configs(run_dir, read_config(run_dir))
+
+
+def _configs(run_dir: str | os.PathLike,
+             config: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+    """:func:`read_configs` of the raw ``config`` read from ``run_dir``."""
     try:
         return ModelConfig.from_dict(config["model"]), TrainConfig.from_dict(config["train"])
     except (TypeError, ValueError) as e:
@@ -209,7 +214,7 @@ def prepare(out: Path, model_cfg: ModelConfig, tc: TrainConfig, log: Callable[[s
         mismatch = _model_mismatch(out, old, model_cfg, tc)
         if mismatch:
             raise RunConfigError(mismatch)
-        _, old_tc = read_configs(out)
+        _, old_tc = _configs(out, old)
         fixed, free = resume_differences(old_tc, tc)
         new_model = model_cfg.to_dict()  # what differs now is how it computes (COMPUTE_ONLY)
         free += [f"{k}: {old['model'].get(k)!r} -> {v!r}" for k, v in new_model.items()
