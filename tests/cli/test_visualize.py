@@ -178,3 +178,59 @@ def test_the_title_sits_above_the_head_titles(monkeypatch, tmp_path, n_heads, he
     assert len(heads) == (1 if head is not None else n_heads)
     for box in heads:
         assert title.y0 >= box.y1, (title, box)  # above, not overlapping
+
+
+def _drawn_panels(monkeypatch):
+    """Record, for each figure saved, its heatmap panels: [(title, data [T, S]), ...]."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    save = Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        figures.append([(ax.get_title(), np.asarray(ax.images[0].get_array()))
+                        for ax in fig.axes if ax.images])
+        save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return figures
+
+
+@pytest.mark.parametrize("kind", ["cross", "decoder"])
+def test_head_mean_draws_the_mean_of_the_heads_probabilities(seq2seq_run, tmp_path, monkeypatch,
+                                                             kind):
+    figures = _drawn_panels(monkeypatch)
+    args = ["attention", "--run", str(seq2seq_run), "--src", "a b c", "--tgt", "c b a e",
+            "--kind", kind]
+    assert visualize.main([*args, "--out", str(tmp_path / "grid.png")]) == 0
+    assert visualize.main([*args, "--head", "mean", "--out", str(tmp_path / "mean.png")]) == 0
+    grid, ((title, mean),) = figures
+    assert [t for t, _ in grid] == ["head 0", "head 1"] and title == "mean of 2 heads"
+    heads = np.stack([data for _, data in grid])  # [N, T, S]: each head's probabilities
+    # Queries: <bos> and the 4 target words; keys: the 3 source words and <eos>, or the queries.
+    assert mean.shape == heads.shape[1:] == ((5, 4) if kind == "cross" else (5, 5))
+    np.testing.assert_allclose(mean, heads.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(mean.sum(-1), 1.0, atol=1e-5)  # still a distribution a row
+    assert not np.allclose(mean, heads[0], atol=1e-3)  # the two heads differ: not head 0
+    png_size(tmp_path / "mean.png")
+
+
+def test_head_takes_an_index_or_mean(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        visualize.main(["attention", "--run", str(tmp_path), "--src", "a", "--head", "avg",
+                        "--out", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "--head" in err and "'mean'" in err and "'avg'" in err
+    # A layer's heads averaged (the probabilities [N, T, S] of three heads, two queries):
+    probs = np.asarray([[[1.0, 0.0], [0.5, 0.5]], [[0.0, 1.0], [0.5, 0.5]],
+                        [[0.5, 0.5], [0.2, 0.8]]], np.float32)
+    panels, titles = visualize.head_panels(probs, "mean")
+    np.testing.assert_allclose(panels, [[[0.5, 0.5], [0.4, 0.6]]], rtol=1e-6)
+    assert titles == ["mean of 3 heads"]
+    panels, titles = visualize.head_panels(probs, 2)
+    np.testing.assert_array_equal(panels, probs[2:])
+    assert titles == ["head 2"]
+    panels, titles = visualize.head_panels(probs)
+    np.testing.assert_array_equal(panels, probs)
+    assert titles == ["head 0", "head 1", "head 2"]

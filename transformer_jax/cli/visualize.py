@@ -1,17 +1,19 @@
 """Look inside: attention heatmaps, training curves and the sinusoidal position encoding.
 
-    python -m transformer_jax.visualize attention --run DIR --text "..." [--layer L] [--head H] --out F.png
+    python -m transformer_jax.visualize attention --run DIR --text "..." [--layer L]
+        [--head H|mean] --out F.png
     python -m transformer_jax.visualize attention --run DIR --src "..." [--tgt "..."]
-        [--kind encoder|decoder|cross] [--layer L] [--head H] --out F.png
+        [--kind encoder|decoder|cross] [--layer L] [--head H|mean] --out F.png
     python -m transformer_jax.visualize curves RUN_DIR [RUN_DIR ...] --out F.png
     python -m transformer_jax.visualize positions --d-model D --max-len T --out F.png
 
 ``attention`` loads the newest checkpoint of a run and plots softmax(QKᵀ/√d_k) for one head
-(``--head``) or all heads of a layer as a grid; tokens label the axes (query rows, key
-columns). For an encoder–decoder run (``train.py --task ...``), ``--src``/``--tgt`` give the
-sentence pair (``--tgt`` defaults to the model's own beam-search translation) and ``--kind``
-picks encoder self-, decoder self- or cross-attention (the default); ``--layer`` counts layers
-of that kind. Errors exit with status 2 and one line; Ctrl-C with 130 and one line.
+(``--head H``), the mean of a layer's heads (``--head mean``) or all of them as a grid; tokens
+label the axes (query rows, key columns). For an encoder–decoder run (``train.py --task ...``),
+``--src``/``--tgt`` give the sentence pair (``--tgt`` defaults to the model's own beam-search
+translation) and ``--kind`` picks encoder self-, decoder self- or cross-attention (the
+default); ``--layer`` counts layers of that kind. Errors exit with status 2 and one line;
+Ctrl-C with 130 and one line.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from transformer_jax.runs.checkpoint import CheckpointError
 from transformer_jax.runs.load import LoadedRun, load_run
 from transformer_jax.runs.metrics import read_jsonl
 
-__all__ = ["attention_maps", "main", "plot_attention", "plot_curves", "plot_positions"]
+__all__ = ["attention_maps", "head_panels", "main", "plot_attention", "plot_curves",
+           "plot_positions"]
 
 # Readable glyphs for bytes that would otherwise be invisible on an axis.
 _GLYPHS = {" ": "␣", "\n": "⏎", "\t": "⇥"}
@@ -89,24 +92,44 @@ def _layer_order(name: str):
     return prefix, int(index) if index.isdigit() else 0, kind
 
 
+def head_panels(probs: np.ndarray, head: int | str | None = None
+                ) -> tuple[np.ndarray, list[str]]:
+    """What :func:`plot_attention` draws of probabilities [N, T, S].
+
+    Args:
+      probs: one layer's attention probabilities [N, T, S].
+      head: a head's index, ``"mean"`` (the heads' probabilities averaged: still a distribution
+        over the keys in every row), or None (every head).
+
+    Returns:
+      (panels [P, T, S], their titles): P is N for every head, else 1.
+    """
+    n = probs.shape[0]
+    if head == "mean":
+        return probs.mean(axis=0, keepdims=True), [f"mean of {n} head{'s' * (n != 1)}"]
+    heads = list(range(n)) if head is None else [int(head)]
+    return probs[heads], [f"head {h}" for h in heads]
+
+
 def plot_attention(probs: np.ndarray, rows: Sequence[str], cols: Sequence[str], out: Path, *,
-                   title: str, head: int | None = None) -> None:
-    """Heatmap(s) of probabilities [N, T, S]: one head, or a grid of all of them."""
+                   title: str, head: int | str | None = None) -> None:
+    """Heatmap(s) of probabilities [N, T, S]: one head, the heads' mean, or a grid of all
+    heads (see :func:`head_panels`)."""
     plt = _pyplot()
-    heads = [head] if head is not None else list(range(probs.shape[0]))
-    ncols = min(4, len(heads))
-    nrows = math.ceil(len(heads) / ncols)
+    panels, names = head_panels(probs, head)
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
     size = 2.2 + 0.13 * max(len(rows), len(cols))
     # Constrained layout makes room for the title above the heads' titles; with a fixed
     # position, the short figure of a short sentence put it over them.
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False,
                              layout="constrained")
-    for ax in axes.flat[len(heads):]:
+    for ax in axes.flat[len(panels):]:
         ax.axis("off")
     fontsize = max(5, min(10, 400 // max(len(rows), len(cols), 1)))
-    for i, (ax, h) in enumerate(zip(axes.flat, heads)):
-        im = ax.imshow(probs[h], cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-        ax.set_title(f"head {h}", fontsize=10)
+    for i, (ax, panel, name) in enumerate(zip(axes.flat, panels, names)):
+        im = ax.imshow(panel, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_title(name, fontsize=10)
         ax.set_xticks(range(len(cols)), cols, fontsize=fontsize, rotation=90)
         ax.set_xlabel("key (attended to)", fontsize=8)
         # Query labels on the first column only: the grid's rows share them, and labels of
@@ -254,7 +277,7 @@ def _pick(maps: dict[str, np.ndarray], names: list[str], args) -> np.ndarray:
         raise VisualizeError(f"--layer {args.layer} out of range: the model has {len(names)} "
                              f"such attention layers (0 to {len(names) - 1})")
     probs = maps[names[args.layer]]
-    if args.head is not None and not 0 <= args.head < probs.shape[0]:
+    if isinstance(args.head, int) and not 0 <= args.head < probs.shape[0]:
         raise VisualizeError(f"--head {args.head} out of range: layer {args.layer} has "
                              f"{probs.shape[0]} heads (0 to {probs.shape[0] - 1})")
     return probs
@@ -293,6 +316,17 @@ def _attention_command(args) -> str:
     return args.out
 
 
+def _head(value: str) -> int | str:
+    """``--head``: a head's index or "mean" (the range is checked against the model later)."""
+    if value == "mean":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a head's index or 'mean', got {value!r}"
+                                         ) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(prog="python -m transformer_jax.visualize",
                                      description=__doc__.split("\n\n")[0])
@@ -308,7 +342,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: cross)")
     a.add_argument("--layer", type=int, default=0,
                    help="attention layer index (of that --kind for encoder-decoders; default 0)")
-    a.add_argument("--head", type=int, default=None, help="one head (default: all, as a grid)")
+    a.add_argument("--head", type=_head, default=None, metavar="H|mean",
+                   help="one head's index, or 'mean' for the mean of the layer's heads "
+                        "(default: every head, as a grid)")
     a.add_argument("--out", required=True, help="PNG file to write")
     c = sub.add_parser("curves", help="training curves of one or more runs, overlaid")
     c.add_argument("runs", nargs="+", help="run directories")
