@@ -82,6 +82,11 @@ class RunResult:
         :attr:`unit`.
       mfu_note: why :attr:`mfu` is NaN although the run was timed ("" otherwise): the
         measured peak lay below what the model achieved.
+      n_params: the model's parameter count.
+      flops_per_token: training FLOPs per token (the :attr:`mfu` numerator's estimate).
+      tokens_per_step: tokens (targets, for a sequence-to-sequence task) a step trains on,
+        over an epoch's batches; ``step · tokens_per_step · flops_per_token`` is the
+        training compute so far.
     """
 
     out: Path
@@ -100,6 +105,9 @@ class RunResult:
     unit: str = "byte"
     bits_per: str = "byte"
     mfu_note: str = ""
+    n_params: int = 0
+    flops_per_token: float = math.nan
+    tokens_per_step: float = math.nan
 
 
 def run(model_cfg: ModelConfig, tc: TrainConfig, *, devices: Sequence[Any] | None = None,
@@ -203,7 +211,9 @@ def _session(work: Workload, model_cfg: ModelConfig, tc: TrainConfig, placement:
                      val_bpb=bits, tokens_per_s=tok_s, mfu=mfu, wall_s=math.nan,
                      interrupted=interrupted, sample="", state=final, evaluation=evaluation,
                      stopped_by=stop.by if interrupted else None, unit=work.unit,
-                     bits_per=bits_per, mfu_note=mfu_note)
+                     bits_per=bits_per, mfu_note=mfu_note, n_params=work.fns.n_params,
+                     flops_per_token=work.fns.flops_per_token,
+                     tokens_per_step=work.tokens_per_step)
 
 
 def _announce(work: Workload, placement: Placement, util: metrics.Utilisation,

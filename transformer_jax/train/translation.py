@@ -25,6 +25,7 @@ step (``steps_per_call`` 1).
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -341,7 +342,9 @@ def _finish(fns: StepFunctions, data: PairDataset, tc: TrainConfig, placement: P
                                      select=lambda s: s.params)
     texts = data.test.texts()
     sources = data.test.pairs(np.arange(len(data.test)))[0]
+    start = time.perf_counter()
     hyps = [one_line(h) for h in decode_texts(fns.model, params, data, sources)]
+    decode_s = time.perf_counter() - start  # compilation of the decoding buckets included
     refs = [t for _, t in texts]
     result = score(hyps, refs)
     copy = score([s for s, _ in texts], refs)
@@ -353,10 +356,12 @@ def _finish(fns: StepFunctions, data: PairDataset, tc: TrainConfig, placement: P
               "bleu_signature": result["bleu_signature"],
               "chrf_signature": result["chrf_signature"], "num_test": len(hyps),
               "beam_size": 4, "alpha": 0.6, "averaged_checkpoints": len(steps),
-              "averaged_from_step": steps[0]}
+              "averaged_from_step": steps[0], "decode_s": decode_s,
+              "decode_sentences_per_s": len(hyps) / decode_s}
     log(f"test ({len(hyps):,} pairs, beam 4, alpha 0.6, max length input + 50"
         + (f", parameters averaged over steps {steps}" if len(steps) > 1 else "")
         + f"): BLEU {result['bleu']:.2f}, chrF {result['chrf']:.2f}; copy-the-source BLEU "
-        f"{copy['bleu']:.2f}, chrF {copy['chrf']:.2f}\n  sacreBLEU {result['bleu_signature']}"
+        f"{copy['bleu']:.2f}, chrF {copy['chrf']:.2f}; {len(hyps) / decode_s:.1f} sentences/s"
+        f"\n  sacreBLEU {result['bleu_signature']}"
         f"\n  chrF {result['chrf_signature']}\n  hypotheses: {out / HYPOTHESES}")
     return record
