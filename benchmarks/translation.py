@@ -1,8 +1,11 @@
-"""Translation end to end on a real corpus with no download: prepare, train, evaluate.
+"""Translation end to end on a real corpus with no download: prepare, train, evaluate; and the
+paper's Table 2 comparison, the Transformer against an attentional RNN translator.
 
     python benchmarks/translation.py --quick                  # gettext catalogs, en -> de
     python benchmarks/translation.py --quick --pairs train.en train.de
     python benchmarks/translation.py --pairs corpus.jsonl --source-lang en --target-lang fr
+    python benchmarks/translation.py --quick --models transformer,lstm     # ≤ 15 min here
+    python benchmarks/translation.py --models transformer,lstm,gru --sweep
 
 The default corpus is this machine's gettext catalogs (``--catalogs de``, built by
 :mod:`benchmarks.catalogs`): human translations of program messages, about 50k English ->
@@ -13,19 +16,22 @@ sacreBLEU and chrF on detokenised text. Beside it, in the same run and on the sa
 
 * copy-the-source, the floor a model must clear (names, numbers and format strings are shared);
 * a translation memory (:func:`benchmarks.baselines.memory_translate`): the target of the most
-  similar other source by character-trigram TF-IDF cosine, as ``msgmerge`` proposes fuzzy
+  similar training source by character-trigram TF-IDF cosine, as ``msgmerge`` proposes fuzzy
   entries. That is what a translator would use instead of a model.
 
-``--quick`` is the budgeted run (the recipe's steps: about 10 minutes on 2 CPU cores,
-compilation included); without it the run trains 3 times as many steps. Writes results.json
+The Transformer alone trains the recipe's steps (``--quick``: about 10 minutes on 2 CPU cores,
+compilation included; without it, 3 times as many). With ``--models`` naming several, each
+trains for the same ``--budget`` of seconds and the RNNs are compared with the Transformer
+(:mod:`benchmarks.translation_runs`: the protocol and the two figures). Writes results.json
 (test_bleu, copy_bleu, memory_bleu, chrf, wall_s, num_train_pairs, the signatures, example
-translations, the real-token share of the batches), results.md and bleu_vs_time.png to
-benchmarks/results/translation/ (or ``--out``); the corpus, dataset and run go to ``--work``.
+translations, each model's row and curve, and for a comparison ``time_to_rnn_bleu_ratio`` and
+``bleu_gain_at_equal_time``), results.md and bleu_vs_time.png to
+benchmarks/results/translation/ (a comparison: translation_vs_rnn/), or ``--out``; the corpus,
+dataset and runs go to ``--work``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import sys
@@ -55,6 +61,18 @@ def _parser():
     p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     p.add_argument("--batch-tokens", type=int,
                    help="token slots a side of a batch (default: the recipe's)")
+    p.add_argument("--lr", type=float, help="peak learning rate of every model (default: "
+                   "each model's pinned rate, or --sweep's choice)")
+    p.add_argument("--models", default="transformer", metavar="M,M",
+                   help="transformer, lstm, gru; several are trained for the same --budget "
+                   "and compared with the first, the Transformer (default: %(default)s)")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="training seconds of each model, compilation included (default: "
+                   "the recipe's steps for the Transformer alone; 180 with --quick, else "
+                   "600, for a comparison)")
+    p.add_argument("--sweep", action="store_true",
+                   help="first pick each model's learning rate: the lowest validation loss "
+                   "after a third of the budget's steps at each of translation_runs.SWEEP_LR")
     p.add_argument("--work", type=Path, default=Path("/tmp/translation-benchmark"),
                    help="corpus, dataset and run directory (default: %(default)s; replaced)")
     return p
@@ -79,31 +97,67 @@ def _corpus(args, work: Path) -> tuple[list[Path], list[tuple[str, str]], str]:
     return [path], pairs, f"{n_files} gettext catalogs, en -> {args.catalogs}"
 
 
-def _configs(args, dataset: Path, out: Path):
-    from transformer_jax.config import RECIPES
-    from transformer_jax.data.pair_dataset import open_pairs
+def _baselines(pairs, held: set[str], texts) -> dict:
+    """Copy-the-source and translation-memory scores of ``texts`` (source, reference), the
+    memory built from the pairs whose source is not ``held``."""
+    from benchmarks import baselines
 
-    recipe = RECIPES["translate-text"]
-    model = dataclasses.replace(recipe.model, vocab_size=open_pairs(dataset).vocab_size)
-    steps = args.steps or recipe.train.schedule.steps * (1 if args.quick else 3)
-    # Four validations; with --steps, checkpoints keep the recipe's share of the run between
-    # the first and the last of the 5 averaged ones.
-    every = recipe.train.loop.ckpt_every * steps // recipe.train.schedule.steps
-    tc = recipe.train.replace(data=(str(dataset),), out=str(out), steps=steps,
-                              eval_every=max(steps // 4, 1), ckpt_every=max(every, 1),
-                              batch_tokens=args.batch_tokens or recipe.train.data.batch_tokens)
-    return model, tc
+    memory_pairs = [(s, t) for s, t in pairs if s not in held]
+    sources, refs = [s for s, _ in texts], [t for _, t in texts]
+    memory = baselines.memory_translate([s for s, _ in memory_pairs],
+                                        [t for _, t in memory_pairs], sources)
+    return {"memory": baselines.scores(memory, refs), "copy": baselines.copy_scores(sources, refs),
+            "memory_hypotheses": memory}
+
+
+def _train_all(args, names, dataset: Path, vocab_size: int) -> tuple[list[dict], dict]:
+    """(one row of :func:`translation_runs.train_and_score` a model, the budget)."""
+    from benchmarks import translation_runs as tr
+
+    work = args.work
+    budget = args.budget or (None if names == ["transformer"] and not args.sweep
+                             else 180.0 if args.quick else 600.0)
+    rows = []
+    for name in names:
+        cfg = tr.model_config(name, vocab_size)
+        lr, tried = args.lr or tr.TUNED_LR[name], None
+        if budget:
+            probe = tr.train_config(name, dataset, work / f"probe-{name}", lr=lr,
+                                    batch_tokens=args.batch_tokens)
+            steps = tr.steps_for_budget(cfg, probe, budget, work / f"probe-{name}")
+        else:
+            steps = args.steps or tr.RECIPES["translate-text"].train.schedule.steps * (
+                1 if args.quick else 3)
+        if args.sweep:
+            tried = tr.sweep(cfg, name, dataset, work, max(steps // 3, 1), args.batch_tokens)
+            lr = min(tried, key=lambda rate: tried[rate]["val_loss"])
+        tc = tr.train_config(name, dataset, work / f"run-{name}", steps=steps, lr=lr,
+                             batch_tokens=args.batch_tokens, evals=tr.EVALS if budget else 4)
+        print(f"{name}: {cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers, d_model "
+              f"{cfg.d_model}, lr {lr:g}, {steps} steps"
+              + (f" (the budget of {budget:.0f} s)" if budget else ""), flush=True)
+        rows.append(tr.train_and_score(cfg, tc))
+        if tried:
+            rows[-1]["lrs_tried"] = {f"{k:g}": v for k, v in tried.items()}
+    return rows, {"budget_s": budget}
 
 
 def main(argv=None) -> int:
-    from benchmarks import baselines, common
+    from benchmarks import common
+    from benchmarks import translation_runs as tr
     from transformer_jax.data.pair_dataset import open_pairs
     from transformer_jax.data.pair_files import pair_files
     from transformer_jax.data.prepare_pairs import PairSettings, prepare_pairs
-    from transformer_jax.runs import metrics
-    from transformer_jax.train import loop, translation
+    from transformer_jax.train import translation
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in tr.MODELS]
+    if unknown or not names or len(set(names)) != len(names):
+        parser.error(f"--models {args.models}: give distinct names among {', '.join(tr.MODELS)}")
+    if len(names) > 1 and names[0] != "transformer":
+        parser.error("--models: several models are compared with the Transformer; list it first")
     t0 = time.perf_counter()
     work = args.work
     shutil.rmtree(work, ignore_errors=True)
@@ -115,45 +169,40 @@ def main(argv=None) -> int:
                                                    test_fraction=TEST_FRACTION), log=print)
     prepare_s = time.perf_counter() - t0
     data = open_pairs(work / "ds")
-    model, tc = _configs(args, work / "ds", work / "run")
-    result = loop.run(model, tc, progress=False, log=print)
-    wall_s = time.perf_counter() - t0
-    records = metrics.read_jsonl(work / "run" / "metrics.jsonl")
-    final = records[-1]
-
-    test = data.test.texts()
-    sources, refs = [s for s, _ in test], [t for _, t in test]
-    held = set(sources)
-    memory_pairs = [(s, t) for s, t in pairs if s not in held]
+    test, valid = data.test.texts(), data.valid.texts(translation.NUM_BLEU)
+    held = {s for s, _ in test} | {s for s, _ in data.valid.texts()}
     t1 = time.perf_counter()
-    memory = baselines.memory_translate([s for s, _ in memory_pairs],
-                                        [t for _, t in memory_pairs], sources)
+    test_base, valid_base = _baselines(pairs, held, test), _baselines(pairs, held, valid)
     memory_s = time.perf_counter() - t1
-    memory_scores, copy_scores = baselines.scores(memory, refs), baselines.copy_scores(sources,
-                                                                                        refs)
-    hyps = (work / "run" / translation.HYPOTHESES).read_text(encoding="utf-8").splitlines()
-    shares = [r["real_share"] for r in records if "real_share" in r]
-    curve = [{"wall_s": prepare_s + r["time_s"], "step": r["step"], "val_bleu": r["val_bleu"]}
-             for r in records if "val_bleu" in r]
+    rows, budget = _train_all(args, names, work / "ds", data.vocab_size)
+    first = rows[0]
+    hyps = {row["model"]: (Path(row["out"]) / translation.HYPOTHESES).read_text(
+        encoding="utf-8").splitlines() for row in rows}
     r = {"corpus": corpus, "num_train_pairs": len(data.train), "num_valid_pairs": len(data.valid),
          "num_test_pairs": len(data.test), "vocab_size": data.vocab_size,
-         "test_bleu": final["test_bleu"], "chrf": final["test_chrf"],
-         "copy_bleu": copy_scores["bleu"], "copy_chrf": copy_scores["chrf"],
-         "memory_bleu": memory_scores["bleu"], "memory_chrf": memory_scores["chrf"],
-         "bleu_signature": final["bleu_signature"], "chrf_signature": final["chrf_signature"],
-         "wall_s": wall_s, "prepare_s": prepare_s, "train_and_eval_s": result.wall_s,
-         "memory_s": memory_s, "steps": result.step,
-         "real_share": {"mean": sum(shares) / max(len(shares), 1), "min": min(shares or [0])},
-         "tokens_per_s": result.tokens_per_s, "val_bleu_curve": curve,
-         "model": model.to_dict(), "train": tc.to_dict(),
-         "examples": [{"source": s, "reference": t, "model": h, "memory": m}
-                      for s, t, h, m in list(zip(sources, refs, hyps, memory))[:EXAMPLES]]}
+         "test_bleu": first["test_bleu"], "chrf": first["chrf"],
+         "copy_bleu": test_base["copy"]["bleu"], "copy_chrf": test_base["copy"]["chrf"],
+         "memory_bleu": test_base["memory"]["bleu"], "memory_chrf": test_base["memory"]["chrf"],
+         "valid_slice": {"pairs": len(valid), "copy_bleu": valid_base["copy"]["bleu"],
+                         "memory_bleu": valid_base["memory"]["bleu"]},
+         "bleu_signature": first["bleu_signature"], "chrf_signature": first["chrf_signature"],
+         "wall_s": time.perf_counter() - t0, "prepare_s": prepare_s, "memory_s": memory_s,
+         **budget, "models": rows,
+         "examples": [{"source": s, "reference": t, **{m: h[i] for m, h in hyps.items()},
+                       "memory": test_base["memory_hypotheses"][i]}
+                      for i, (s, t) in enumerate(test[:EXAMPLES])]}
+    if len(rows) > 1:
+        r["comparisons"] = [tr.compare(first, row) for row in rows[1:]]
+        r.update({k: r["comparisons"][0][k]
+                  for k in ("time_to_rnn_bleu_ratio", "bleu_gain_at_equal_time")})
     machine = common.describe_machine()
-    out = common.write_results("translation", {"machine": machine, "results": r},
+    name = "translation" if len(rows) == 1 else "translation_vs_rnn"
+    out = common.write_results(name, {"machine": machine, "results": r},
                                _markdown(r, machine, argv), args.out)
     _plot(r, out / "bleu_vs_time.png")
     print(json.dumps({k: r[k] for k in ("test_bleu", "copy_bleu", "memory_bleu", "chrf",
-                                        "wall_s", "num_train_pairs")}))
+                                        "wall_s", "num_train_pairs", "time_to_rnn_bleu_ratio",
+                                        "bleu_gain_at_equal_time") if k in r}))
     print(f"wrote {out}/results.json, results.md, bleu_vs_time.png")
     return 0
 
@@ -162,45 +211,83 @@ def _markdown(r: dict, machine: dict, argv) -> str:
     from benchmarks import common
 
     command = "python benchmarks/translation.py " + " ".join(argv or sys.argv[1:])
-    rows = [{"system": "Transformer (translate-text recipe), beam 4, α 0.6, 5 averaged",
-             "BLEU": r["test_bleu"], "chrF": r["chrf"]},
-            {"system": "translation memory (char-trigram TF-IDF)", "BLEU": r["memory_bleu"],
-             "chrF": r["memory_chrf"]},
-            {"system": "copy the source", "BLEU": r["copy_bleu"], "chrF": r["copy_chrf"]}]
-    examples = "\n".join(f"- source: `{e['source']}`\n  - reference: `{e['reference']}`\n"
-                         f"  - model: `{e['model']}`\n  - memory: `{e['memory']}`"
-                         for e in r["examples"][:4])
-    return "\n\n".join([
+    rows = [{"system": f"{m['model']} ({m['layers']} layers, d_model {m['d_model']}), beam 4, "
+             "α 0.6, 5 averaged", "BLEU": m["test_bleu"], "chrF": m["chrf"]}
+            for m in r["models"]]
+    rows += [{"system": "translation memory (char-trigram TF-IDF)", "BLEU": r["memory_bleu"],
+              "chrF": r["memory_chrf"]},
+             {"system": "copy the source", "BLEU": r["copy_bleu"], "chrF": r["copy_chrf"]}]
+    runs = common.markdown_table(
+        [{**m, "params": f"{m['params'] / 1e6:.2f}M", "train_tflop": m["train_flops"] / 1e12}
+         for m in r["models"]],
+        [("model", "model"), ("params", "parameters"), ("lr", "peak lr"), ("steps", "steps"),
+         ("train_s", "training s"), ("train_tflop", "training TFLOP"),
+         ("tokens_per_s", "train target tokens/s"), ("best_val_bleu", "best validation BLEU"),
+         ("test_bleu", "test BLEU"), ("decode_sentences_per_s", "beam-4 decoding sentences/s")])
+    parts = [
         "# Translation on a real corpus: prepare, train, evaluate",
-        (f"Machine: {machine['device']}; {machine['date']}. Command: `{command.strip()}`. "
-        "The machine was shared with other jobs: wall times are noisy."),
+        (f"Machine: {machine['device']}; {machine['date']}. Command: `{command.strip()}`."),
         (f"Corpus: {r['corpus']}; {r['num_train_pairs']:,} training, {r['num_valid_pairs']:,} "
-        f"validation, {r['num_test_pairs']:,} test pairs (test by source hash); shared BPE of "
-        f"{r['vocab_size']} tokens. {r['steps']} steps; batches "
-        f"{100 * r['real_share']['mean']:.1f}% real tokens (lowest interval "
-        f"{100 * r['real_share']['min']:.1f}%). Wall time {r['wall_s']:.0f} s (prepare "
-        f"{r['prepare_s']:.0f} s, compilation included)."),
-        common.markdown_table(rows, [("system", "system"), ("BLEU", "BLEU"), ("chrF", "chrF")]),
+         f"validation, {r['num_test_pairs']:,} test pairs (test by source hash); shared BPE of "
+         f"{r['vocab_size']} tokens. Batches "
+         f"{100 * r['models'][0]['real_share']['mean']:.1f}% real tokens (lowest interval "
+         f"{100 * r['models'][0]['real_share']['min']:.1f}%). Wall time {r['wall_s']:.0f} s "
+         f"(prepare {r['prepare_s']:.0f} s, compilation included)."
+         + (f" Each model trained for a budget of {r['budget_s']:.0f} s." if r.get("budget_s")
+            else "")),
+        "Test split:\n\n" + common.markdown_table(
+            rows, [("system", "system"), ("BLEU", "BLEU"), ("chrF", "chrF")]),
         f"sacreBLEU: `{r['bleu_signature']}`; chrF: `{r['chrf_signature']}`.",
-        "![BLEU against wall time](bleu_vs_time.png)",
-        "Examples (the first test pairs):\n\n" + examples])
+        "Runs (validation BLEU: greedy, on the first "
+        f"{r['valid_slice']['pairs']} validation pairs):\n\n" + runs]
+    parts += [f"Learning rates tried by `--sweep` for {m['model']} (after a third of the steps: "
+              "validation loss per target token, BLEU): " + ", ".join(
+                  f"{lr}: {t['val_loss']:.3f}, {t['val_bleu']:.1f}"
+                  for lr, t in m["lrs_tried"].items())
+              for m in r["models"] if m.get("lrs_tried")]
+    for c in r.get("comparisons", []):
+        ratio = c["time_to_rnn_bleu_ratio"]
+        parts.append(
+            f"Transformer against {c['rnn']}: time to the {c['rnn']}'s best validation BLEU "
+            f"({c['rnn_best_val_bleu']:.1f}) "
+            + (f"{ratio:.2f}× the {c['rnn']}'s ({c['transformer_time_to_rnn_best_s']:.0f} s "
+               f"against {c['rnn_time_to_best_s']:.0f} s)" if ratio is not None
+               else "not reached by the Transformer")
+            + f"; test BLEU at equal time {c['bleu_gain_at_equal_time']:+.1f}; training "
+            f"tokens/s {c['train_tokens_per_s_ratio']:.2f}× and beam decoding sentences/s "
+            f"{c['decode_sentences_per_s_ratio']:.2f}× the {c['rnn']}'s.")
+    examples = "\n".join(
+        f"- source: `{e['source']}`\n  - reference: `{e['reference']}`\n"
+        + "".join(f"  - {m['model']}: `{e[m['model']]}`\n" for m in r["models"])
+        + f"  - memory: `{e['memory']}`" for e in r["examples"][:4])
+    parts += ["![BLEU against training time and FLOPs](bleu_vs_time.png)",
+              "Examples (the first test pairs):\n\n" + examples]
+    return "\n\n".join(parts)
 
 
 def _plot(r: dict, path: Path) -> None:
     from benchmarks import common
 
-    fig, ax = common.figure(figsize=(6.4, 4.0))
-    curve = r["val_bleu_curve"]
-    ax.plot([c["wall_s"] for c in curve], [c["val_bleu"] for c in curve], "o-",
-            label="model: validation slice, greedy")
-    ax.plot([r["wall_s"]], [r["test_bleu"]], "*", markersize=12,
-            label="model: test, beam 4, averaged")
-    ax.axhline(r["memory_bleu"], color="tab:green", linestyle="--",
-               label="translation memory (test)")
-    ax.axhline(r["copy_bleu"], color="tab:gray", linestyle=":", label="copy the source (test)")
-    ax.set_xlabel("wall time since the start (s), preparation and compilation included")
-    ax.set_ylabel("sacreBLEU")
-    ax.legend(fontsize=8)
+    fig, axes = common.figure(2, figsize=(11.0, 4.2))
+    for ax, key, label in ((axes[0], "train_s", "training time (s), compilation included"),
+                           (axes[1], "flops", "training FLOPs (model estimate)")):
+        for i, m in enumerate(r["models"]):
+            color = f"C{i}"
+            curve = m["curve"]
+            ax.plot([c[key] for c in curve], [c["val_bleu"] for c in curve], "o-", color=color,
+                    label=f"{m['model']}: validation slice, greedy")
+            end = m["train_s"] if key == "train_s" else m["train_flops"]
+            ax.plot([end], [m["test_bleu"]], "*", color=color, markersize=12,
+                    label=f"{m['model']}: test, beam 4, averaged")
+        ax.axhline(r["valid_slice"]["memory_bleu"], color="tab:green", linestyle="--",
+                   label="translation memory (validation slice)")
+        ax.axhline(r["valid_slice"]["copy_bleu"], color="tab:gray", linestyle=":",
+                   label="copy the source (validation slice)")
+        if key == "flops":
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("sacreBLEU")
+    axes[0].legend(fontsize=7)
     common.save_figure(fig, path)
 
 
