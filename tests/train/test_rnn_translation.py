@@ -16,7 +16,7 @@ from transformer_jax.data import seq2seq_tasks
 from transformer_jax.data.pair_dataset import open_pairs
 from transformer_jax.data.pair_files import pair_files
 from transformer_jax.data.prepare_pairs import PairSettings, prepare_pairs
-from transformer_jax.data.seq2seq_tasks import Seq2SeqTask
+from transformer_jax.data.seq2seq_tasks import BOS, EOS, Seq2SeqTask
 from transformer_jax.models import RNNSeq2Seq
 from transformer_jax.runs.load import load_run
 from transformer_jax.runs.metrics import read_jsonl
@@ -205,3 +205,44 @@ def test_lstm_corpus_run_resumes_bit_exactly(corpus_run, tmp_path):
     assert resumed.start_step == 13 and resumed.step == 20
     jax.tree.map(np.testing.assert_array_equal, resumed.state.params,
                  load_run(out, step=20).params)
+
+
+# ---- visualize attention: the decoder's Luong attention over the source ---------------------
+
+
+def test_visualize_draws_the_luong_attention(trained, tmp_path, monkeypatch, capsys):
+    from matplotlib.figure import Figure
+
+    from transformer_jax.cli import visualize
+
+    out, _ = trained
+    monkeypatch.setitem(seq2seq_tasks.TASKS, "reverse", lambda: TASK)
+    drawn, save = [], Figure.savefig
+
+    def savefig(fig, *args, **kwargs):  # the heatmaps as drawn: [(title, data [T, S])]
+        drawn.append([(ax.get_title(), np.asarray(ax.images[0].get_array()))
+                      for ax in fig.axes if ax.images])
+        save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    png = tmp_path / "cross.png"
+    assert visualize.main(["attention", "--run", str(out), "--src", "a b c d", "--tgt",
+                           "d c b a", "--head", "mean", "--out", str(png)]) == 0
+    ((title, probs),) = drawn[0]
+    assert title == "mean of 1 head" and png.stat().st_size > 0
+    run = load_run(out)
+    src = np.asarray([[*TASK.encode(list("abcd")), EOS]], np.int32)
+    tgt = np.asarray([[BOS, *TASK.encode(list("dcba"))]], np.int32)
+    maps = visualize.attention_maps(run.model, run.params, src, tgt)
+    assert list(maps) == ["attention"]
+    np.testing.assert_allclose(probs, maps["attention"][0], rtol=1e-6)
+    assert probs.shape == (5, 5)  # <bos> d c b a  x  a b c d <eos>
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    # The alignment of a reversal: the query that predicts target word t (after <bos> and t
+    # words) attends to source word 3 - t. Uniform attention would put 0.2 there.
+    assert np.mean([probs[t, 3 - t] for t in range(4)]) > 0.5, np.round(probs, 2)
+    for kind in ("encoder", "decoder"):
+        assert visualize.main(["attention", "--run", str(out), "--src", "a b", "--kind", kind,
+                               "--out", str(tmp_path / "self.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "no self-attention" in err and "--kind cross" in err

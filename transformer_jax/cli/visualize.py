@@ -12,8 +12,9 @@
 label the axes (query rows, key columns). For an encoder–decoder run (``train.py --task ...``),
 ``--src``/``--tgt`` give the sentence pair (``--tgt`` defaults to the model's own beam-search
 translation) and ``--kind`` picks encoder self-, decoder self- or cross-attention (the
-default); ``--layer`` counts layers of that kind. Errors exit with status 2 and one line;
-Ctrl-C with 130 and one line.
+default); ``--layer`` counts layers of that kind. The RNN translator (``--model lstm|gru``) has
+one attention, its decoder's over the source (Luong et al. 2015, §3.1): ``--kind cross`` draws
+it. Errors exit with status 2 and one line; Ctrl-C with 130 and one line.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 from transformer_jax import decoding
 from transformer_jax.cli import common as cli
 from transformer_jax.data.seq2seq_tasks import BOS
-from transformer_jax.models import sinusoidal_positions
+from transformer_jax.models import RNNSeq2Seq, sinusoidal_positions
 from transformer_jax.runs.checkpoint import CheckpointError
 from transformer_jax.runs.load import LoadedRun, load_run
 from transformer_jax.runs.metrics import read_jsonl
@@ -68,12 +69,13 @@ def attention_maps(model, params, *args) -> dict[str, np.ndarray]:
     """Every attention layer's probabilities for one forward pass.
 
     Args:
-      model: a TransformerLM (``args = (tokens[1, T],)``) or Transformer
+      model: a TransformerLM (``args = (tokens[1, T],)``), Transformer or RNNSeq2Seq
         (``args = (src[1, S], tgt[1, T])``).
       params: its parameters.
 
     Returns:
-      ``{"layer_0/self_attention": [N, T, S], ...}`` as float32 NumPy arrays, in layer order.
+      ``{"layer_0/self_attention": [N, T, S], ...}`` as float32 NumPy arrays, in layer order;
+      an RNNSeq2Seq's one attention (its decoder's over the source) is ``"attention"`` [1, T, S].
     """
     _, state = model.apply({"params": params}, *args, mutable=["intermediates"])
     maps = {}
@@ -81,7 +83,7 @@ def attention_maps(model, params, *args) -> dict[str, np.ndarray]:
     for path, value in flat:
         names = [str(p.key) for p in path if hasattr(p, "key")]  # sow stores a tuple: skip [0]
         if "attention_weights" in names:
-            name = "/".join(n for n in names if n != "attention_weights")
+            name = "/".join(n for n in names if n != "attention_weights") or "attention"
             maps[name] = np.asarray(value, np.float32)[0]
     return dict(sorted(maps.items(), key=lambda kv: _layer_order(kv[0])))
 
@@ -214,6 +216,10 @@ def _seq2seq_attention(args, loaded: LoadedRun) -> None:
         raise VisualizeError("--text is for language-model runs; use --src/--tgt")
     if not args.src.split():
         raise VisualizeError("--src is empty")
+    if isinstance(loaded.model, RNNSeq2Seq) and args.kind not in (None, "cross"):
+        raise VisualizeError(f"--kind {args.kind}: the {loaded.model.cell_type.upper()} "
+                             "translator has no self-attention; its one attention is the "
+                             "decoder's over the source (--kind cross)")
     task = loaded.task
     if task is None:  # trained on a parallel dataset: subwords of its tokenizer
         src_ids, tgt_ids, src_labels, tgt_labels = _corpus_pair(args, loaded)
@@ -264,6 +270,8 @@ def _plot_seq2seq(args, loaded: LoadedRun, src_ids, tgt_ids, src_labels, tgt_lab
     kind = args.kind or "cross"
     block, module, title = _KINDS[kind]
     names = [n for n in maps if n.startswith(block + "_") and n.endswith("/" + module)]
+    if isinstance(loaded.model, RNNSeq2Seq):  # one attention, one "head" (checked: cross)
+        names, title = ["attention"], f"{loaded.model.cell_type.upper()} Luong attention"
     probs = _pick(maps, names, args)
     rows = src_labels if block == "encoder" else tgt_labels
     cols = tgt_labels if kind == "decoder" else src_labels
