@@ -86,7 +86,7 @@ def test_a_tiny_comparison_writes_both_figures_rows_table_and_plot(tmp_path, mon
         lines.append(" ".join(src) + "\t" + " ".join(german[w] for w in src))
     (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     monkeypatch.setattr(tr, "model_config", _tiny)
-    monkeypatch.setattr(tr, "PROBE_STEPS", 10)
+    monkeypatch.setattr(tr, "PROBE_STEPS", 20)
     monkeypatch.setattr(tr, "EVALS", 2)
     monkeypatch.setattr(translation, "TEST_FRACTION", 0.03)
     # One compiled shape each for training, validation and decoding: compiles are the cost.
@@ -94,12 +94,12 @@ def test_a_tiny_comparison_writes_both_figures_rows_table_and_plot(tmp_path, mon
     monkeypatch.setattr(workload, "EVAL_BUCKETS", 1)
     out = tmp_path / "out"
     assert translation.main(["--pairs", str(tmp_path / "pairs.tsv"), "--models",
-                             "transformer,lstm", "--budget", "1", "--batch-tokens", "150",
+                             "transformer,lstm", "--budget", "0.01", "--batch-tokens", "150",
                              "--out", str(out), "--work", str(tmp_path / "work")]) == 0
     r = json.loads((out / "results.json").read_text())["results"]
     assert [m["model"] for m in r["models"]] == ["transformer", "lstm"]
     for m in r["models"]:
-        assert m["steps"] == 10 and len(m["curve"]) == 2  # the probe's minimum, 2 validations
+        assert m["steps"] == 20 and len(m["curve"]) == 2  # the probe's minimum, 2 validations
         assert m["train_flops"] == pytest.approx(m["curve"][-1]["flops"]) and m["train_flops"] > 0
         assert m["decode_sentences_per_s"] > 0 and 0 <= m["test_bleu"] <= 100
     assert r["bleu_gain_at_equal_time"] == pytest.approx(
