@@ -68,7 +68,7 @@ def _parser():
                    "and compared with the first, the Transformer (default: %(default)s)")
     p.add_argument("--budget", type=float, metavar="SECONDS",
                    help="training seconds of each model, compilation excluded (default: "
-                   "the recipe's steps for the Transformer alone; 150 with --quick, else "
+                   "the recipe's steps for the Transformer alone; 120 with --quick, else "
                    "600, for a comparison)")
     p.add_argument("--sweep", action="store_true",
                    help="first pick each model's learning rate: the lowest validation loss "
@@ -116,7 +116,7 @@ def _train_all(args, names, dataset: Path, vocab_size: int) -> tuple[list[dict],
 
     work = args.work
     budget = args.budget or (None if names == ["transformer"] and not args.sweep
-                             else 150.0 if args.quick else 600.0)
+                             else 120.0 if args.quick else 600.0)
     rows = []
     for name in names:
         cfg = tr.model_config(name, vocab_size)
