@@ -7,8 +7,9 @@
 #
 # Order: the GPU target first (Transformer vs LSTM, T up to 2048, all budgets), then the
 # attention kernel with bf16 (ours vs "xla" vs "cudnn"), then training throughput, then
-# gpt2-small with each --remat, scanned and not. Each step has its own time limit so that a
-# slow step still leaves the others' results; the budget is about 10 minutes in all.
+# gpt2-small with each --remat, scanned and not, then the translation comparison. Each step has
+# its own time limit so that a slow step still leaves the others' results; the budget is about
+# 13 minutes in all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -37,6 +38,11 @@ step 90 train_throughput python benchmarks/train_throughput.py --quick --out "$O
 # gpt2-small bf16: memory, tokens/s and MFU for each --remat, scanned and not; compile time vs
 # depth, scanned and not.
 step 170 memory python benchmarks/memory.py --dtype bfloat16 --run 5 --out "$OUT/memory"
+# The paper's Table 2 claim at a small scale: Transformer vs attentional LSTM translator, the
+# same training seconds each, on the gettext catalogs (or TRANSLATION_PAIRS=FILE, e.g. the
+# catalogs.de.jsonl a CPU run left in its --work folder, where the machine has no catalogs).
+step 180 translation_vs_rnn python benchmarks/translation.py --quick --models transformer,lstm \
+  --budget 40 ${TRANSLATION_PAIRS:+--pairs "$TRANSLATION_PAIRS"} --out "$OUT/translation_vs_rnn"
 # PACK=1 (for the device tool, which returns at most 8 files): one tarball instead of the folders.
 if [ "${PACK:-0}" = 1 ]; then
   tar -czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && rm -rf "$OUT" && mkdir -p "$OUT" && mv "$OUT.tgz" "$OUT/gpu_sweep.tgz"

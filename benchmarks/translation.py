@@ -233,8 +233,8 @@ def _markdown(r: dict, machine: dict, argv) -> str:
          f"{100 * r['models'][0]['real_share']['mean']:.1f}% real tokens (lowest interval "
          f"{100 * r['models'][0]['real_share']['min']:.1f}%). Wall time {r['wall_s']:.0f} s "
          f"(prepare {r['prepare_s']:.0f} s, compilation included)."
-         + (f" Each model trained for the steps that take {r['budget_s']:.0f} s at its median "
-            "step time (compilation excluded)." if r.get("budget_s")
+         + (f" Each model trained for the steps that take {r['budget_s']:.0f} s at its step "
+            "time (a probe's lower quartile; compilation excluded)." if r.get("budget_s")
             else "")),
         "Test split:\n\n" + common.markdown_table(
             rows, [("system", "system"), ("BLEU", "BLEU"), ("chrF", "chrF")]),
@@ -254,6 +254,10 @@ def _markdown(r: dict, machine: dict, argv) -> str:
             + (f"{ratio:.2f}× the {c['rnn']}'s ({c['transformer_time_to_rnn_best_s']:.0f} s "
                f"against {c['rnn_time_to_best_s']:.0f} s)" if ratio is not None
                else "not reached by the Transformer")
+            + (f"; the {c['rnn']} reached the Transformer's best "
+               f"({c['transformer_best_val_bleu']:.1f}) in "
+               f"{c['rnn_time_to_transformer_best_ratio']:.2f}× the Transformer's time"
+               if c.get("rnn_time_to_transformer_best_ratio") is not None else "")
             + f"; test BLEU at equal time {c['bleu_gain_at_equal_time']:+.1f}; training "
             f"tokens/s {c['train_tokens_per_s_ratio']:.2f}× and beam decoding sentences/s "
             f"{c['decode_sentences_per_s_ratio']:.2f}× the {c['rnn']}'s.")
@@ -284,8 +288,6 @@ def _plot(r: dict, path: Path) -> None:
                    label="translation memory (validation slice)")
         ax.axhline(r["valid_slice"]["copy_bleu"], color="tab:gray", linestyle=":",
                    label="copy the source (validation slice)")
-        if key == "flops":
-            ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("sacreBLEU")
     axes[0].legend(fontsize=7)

@@ -156,8 +156,16 @@ def compare(transformer: dict, rnn: dict) -> dict[str, Any]:
     # An RNN that never scored has no time to its best.
     t_rnn = time_to_reach(rnn["curve"], target) if target > 0 else None
     t_transformer = time_to_reach(transformer["curve"], target) if target > 0 else None
+    # The converse, for when the RNN leads: its time to the Transformer's best over the
+    # Transformer's own.
+    best = transformer["best_val_bleu"]
+    t_own = time_to_reach(transformer["curve"], best) if best > 0 else None
+    t_rnn_there = time_to_reach(rnn["curve"], best) if best > 0 else None
     return {"rnn": rnn["model"], "rnn_best_val_bleu": target, "rnn_time_to_best_s": t_rnn,
             "transformer_time_to_rnn_best_s": t_transformer,
+            "transformer_best_val_bleu": best,
+            "rnn_time_to_transformer_best_ratio": (t_rnn_there / t_own if t_rnn_there and t_own
+                                                   else None),
             "time_to_rnn_bleu_ratio": (t_transformer / t_rnn if t_transformer and t_rnn
                                        else None),
             "bleu_gain_at_equal_time": transformer["test_bleu"] - rnn["test_bleu"],

@@ -45,8 +45,12 @@ def test_compare_gives_the_time_ratio_and_the_gain_at_equal_time():
     assert c["time_to_rnn_bleu_ratio"] == pytest.approx((10 + 40 / 6) / 30)
     assert c["bleu_gain_at_equal_time"] == pytest.approx(7.5)
     assert c["train_tokens_per_s_ratio"] == 2.0 and c["decode_sentences_per_s_ratio"] == 0.5
-    never = tr.compare(_row("transformer", [(10, 1.0)], 1.0, 1, 1), rnn)
+    assert c["rnn_time_to_transformer_best_ratio"] is None  # the LSTM never gets to 14
+    never = tr.compare(_row("transformer", [(10, 0.5), (20, 2.0)], 1.0, 1, 1), rnn)
     assert never["time_to_rnn_bleu_ratio"] is None
+    # The converse: the LSTM passes the Transformer's best, 2.0, at 15 s; the Transformer
+    # reached it at 20 s.
+    assert never["rnn_time_to_transformer_best_ratio"] == pytest.approx(15 / 20)
     untrained = tr.compare(transformer, _row("gru", [(10, 0.0)], 0.0, 1, 1))
     assert untrained["time_to_rnn_bleu_ratio"] is None  # an RNN that never scored
 
