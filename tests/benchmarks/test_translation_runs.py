@@ -90,6 +90,9 @@ def test_a_tiny_comparison_writes_both_figures_rows_table_and_plot(tmp_path, mon
         lines.append(" ".join(src) + "\t" + " ".join(german[w] for w in src))
     (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     monkeypatch.setattr(tr, "model_config", _tiny)
+    one_device = tr.train_config  # smaller programs to compile than pmap over the fake devices
+    monkeypatch.setattr(tr, "train_config",
+                        lambda *a, **k: one_device(*a, **k).replace(parallel="none"))
     monkeypatch.setattr(tr, "PROBE_STEPS", 20)
     monkeypatch.setattr(tr, "EVALS", 2)
     monkeypatch.setattr(translation, "TEST_FRACTION", 0.03)
