@@ -62,7 +62,8 @@ def _parser():
     p.add_argument("--batch-tokens", type=int,
                    help="token slots a side of a batch (default: the recipe's)")
     p.add_argument("--lr", type=float, help="peak learning rate of every model (default: "
-                   "each model's pinned rate, or --sweep's choice)")
+                   "the recipe's for the Transformer alone; each model's pinned rate, or "
+                   "--sweep's choice, with a budget)")
     p.add_argument("--models", default="transformer", metavar="M,M",
                    help="transformer, lstm, gru; several are trained for the same --budget "
                    "and compared with the first, the Transformer (default: %(default)s)")
@@ -120,7 +121,7 @@ def _train_all(args, names, dataset: Path, vocab_size: int) -> tuple[list[dict],
     rows = []
     for name in names:
         cfg = tr.model_config(name, vocab_size)
-        lr, tried = args.lr or tr.TUNED_LR[name], None
+        lr, tried = args.lr or (tr.TUNED_LR[name] if budget else None), None
         if budget:
             probe = tr.train_config(name, dataset, work / f"probe-{name}", lr=lr,
                                     batch_tokens=args.batch_tokens)
@@ -134,7 +135,7 @@ def _train_all(args, names, dataset: Path, vocab_size: int) -> tuple[list[dict],
         tc = tr.train_config(name, dataset, work / f"run-{name}", steps=steps, lr=lr,
                              batch_tokens=args.batch_tokens, evals=tr.EVALS if budget else 4)
         print(f"{name}: {cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers, d_model "
-              f"{cfg.d_model}, lr {lr:g}, {steps} steps"
+              f"{cfg.d_model}, lr {tc.schedule.lr:g}, {steps} steps"
               + (f" (the budget of {budget:.0f} s)" if budget else ""), flush=True)
         rows.append(tr.train_and_score(cfg, tc))
         if tried:

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import translation  # noqa: E402
 from benchmarks import translation_runs as tr  # noqa: E402
-from transformer_jax.config import ModelConfig  # noqa: E402
+from transformer_jax.config import RECIPES, ModelConfig  # noqa: E402
 from transformer_jax.models import accounting, match_rnn_seq2seq_width  # noqa: E402
 from transformer_jax.train import translation as workload  # noqa: E402
 
@@ -70,6 +70,14 @@ def test_the_rnn_has_the_transformers_parameter_count_and_luongs_clipping(rnn, t
     assert (tc.optim.label_smoothing, tc.optim.optimizer, tc.schedule.schedule) == (
         base.optim.label_smoothing, base.optim.optimizer, base.schedule.schedule)
     assert tc.schedule.steps % tc.loop.eval_every == 0
+
+
+def test_the_transformer_alone_trains_the_translate_text_recipe(tmp_path):
+    tc = tr.train_config("transformer", tmp_path, tmp_path / "run")
+    recipe = RECIPES["translate-text"].train
+    assert (tc.optim, tc.schedule) == (recipe.optim, recipe.schedule)
+    assert (tc.loop.ckpt_every, tc.loop.eval_every, tc.loop.log_every) == (
+        recipe.loop.ckpt_every, recipe.loop.eval_every, recipe.loop.log_every)
 
 
 def _tiny(name, vocab_size):
