@@ -40,11 +40,16 @@ from transformer_jax.runs.checkpoint import Checkpointer
 from transformer_jax.train import lm, loop
 from transformer_jax.train import step as step_module
 
+# One worker runs the whole module (pyproject.toml: loadgroup): its launches share one compile
+# cache, and two of these subprocess runs never compete for the two cores at once.
+pytestmark = pytest.mark.xdist_group("reliability")
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Runs train.py's __main__ with one fault planted (FAULT=kind:step); test-only.
 HARNESS = '''
-import os, signal, sys, runpy
+import faulthandler, os, signal, sys, runpy
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # _Train.finish's stacks on a hang
 sys.path.insert(0, os.environ["ROOT"])
 from transformer_jax.data import batches as data_batches
 from transformer_jax.runs import metrics
@@ -344,7 +349,14 @@ class _Train:
             time.sleep(0.05)
 
     def finish(self, timeout=120) -> tuple[int, str]:
-        rc = self.popen.wait(timeout)
+        try:
+            rc = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:  # fail with every thread's stack, not a bare timeout
+            self.popen.send_signal(signal.SIGUSR1)
+            time.sleep(5)
+            self.popen.kill()
+            self._reader.join(timeout)
+            pytest.fail(f"train.py still running {timeout} s later:\n{self.text()}")
         self._reader.join(timeout)
         return rc, self.text()
 
