@@ -9,13 +9,12 @@ import sys
 
 import numpy as np
 import pytest
+from pair_helpers import prepare_reversal
 
 from transformer_jax import train as training
 from transformer_jax.cli import translate
 from transformer_jax.config import PRESETS, RECIPES, TrainConfig
 from transformer_jax.data.pair_dataset import open_pairs
-from transformer_jax.data.pair_files import pair_files
-from transformer_jax.data.prepare_pairs import PairSettings, prepare_pairs
 from transformer_jax.models.transformer import Transformer
 from transformer_jax.runs.checkpoint import Checkpointer
 from transformer_jax.runs.load import load_run
@@ -29,17 +28,8 @@ def corpus_run(tmp_path_factory):
     """A run directory as ``train.py --task translate --data DIR`` writes it (config.json, the
     dataset's tokenizer.json, one checkpoint of untrained tiny parameters), and its dataset."""
     root = tmp_path_factory.mktemp("translate_real")
-    rng = np.random.default_rng(0)
-    pairs = {}
-    while len(pairs) < 120:
-        src = " ".join(rng.choice(WORDS, int(rng.integers(1, 7))))
-        pairs[src] = " ".join(reversed(src.split()))
-    (root / "a.en").write_text("".join(s + "\n" for s in pairs), encoding="utf-8")
-    (root / "a.de").write_text("".join(t + "\n" for t in pairs.values()), encoding="utf-8")
-    prepare_pairs(pair_files([root / "a.en", root / "a.de"]), root / "ds",
-                  PairSettings(vocab_size=280, valid_fraction=0.1, test_fraction=0.1),
-                  log=lambda m: None)
-    data = open_pairs(root / "ds")
+    data = open_pairs(prepare_reversal(root, WORDS, 120, lambda rng: int(rng.integers(1, 7)),
+                                       vocab_size=280))
     cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=data.vocab_size,
                               num_encoder_layers=1, num_decoder_layers=1)
     out = root / "run"

@@ -9,13 +9,12 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from pair_helpers import prepare_reversal
 
 from transformer_jax.cli import translate
 from transformer_jax.config import PRESETS, RECIPES, ModelConfig
 from transformer_jax.data import seq2seq_tasks
 from transformer_jax.data.pair_dataset import open_pairs
-from transformer_jax.data.pair_files import pair_files
-from transformer_jax.data.prepare_pairs import PairSettings, prepare_pairs
 from transformer_jax.data.seq2seq_tasks import BOS, EOS, Seq2SeqTask
 from transformer_jax.models import RNNSeq2Seq
 from transformer_jax.runs.load import load_run
@@ -124,17 +123,7 @@ def _prepare_corpus(root):
     ``root / "ds"``. One length (in words and in subwords): one bucket of training batches and
     one decoding width, so the run compiles one program of each kind (two lengths, as in
     test_translation's corpus, double the run's time, which is mostly compiling)."""
-    rng = np.random.default_rng(0)
-    pairs = {}
-    while len(pairs) < 200:
-        src = " ".join(rng.choice(WORDS, 4))
-        pairs[src] = " ".join(reversed(src.split()))
-    (root / "a.en").write_text("".join(s + "\n" for s in pairs), encoding="utf-8")
-    (root / "a.de").write_text("".join(t + "\n" for t in pairs.values()), encoding="utf-8")
-    prepare_pairs(pair_files([root / "a.en", root / "a.de"]), root / "ds",
-                  PairSettings(vocab_size=300, valid_fraction=0.1, test_fraction=0.1),
-                  log=lambda message: None)
-    return root / "ds"
+    return prepare_reversal(root, WORDS, 200, lambda rng: 4, vocab_size=300)
 
 
 def _corpus_configs(data, out):
