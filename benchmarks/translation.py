@@ -98,17 +98,22 @@ def _corpus(args, work: Path) -> tuple[list[Path], list[tuple[str, str]], str]:
     return [path], pairs, f"{n_files} gettext catalogs, en -> {args.catalogs}"
 
 
-def _baselines(pairs, held: set[str], texts) -> dict:
-    """Copy-the-source and translation-memory scores of ``texts`` (source, reference), the
-    memory built from the pairs whose source is not ``held``."""
+def _baselines(pairs, held: set[str], *splits) -> list[dict]:
+    """Copy-the-source and translation-memory scores of each split's (source, reference)
+    texts, the memory built once from the pairs whose source is not ``held``."""
     from benchmarks import baselines
 
     memory_pairs = [(s, t) for s, t in pairs if s not in held]
-    sources, refs = [s for s, _ in texts], [t for _, t in texts]
+    sources = [s for texts in splits for s, _ in texts]
     memory = baselines.memory_translate([s for s, _ in memory_pairs],
                                         [t for _, t in memory_pairs], sources)
-    return {"memory": baselines.scores(memory, refs), "copy": baselines.copy_scores(sources, refs),
-            "memory_hypotheses": memory}
+    out, start = [], 0
+    for texts in splits:
+        hyps, start = memory[start:start + len(texts)], start + len(texts)
+        srcs, refs = [s for s, _ in texts], [t for _, t in texts]
+        out.append({"memory": baselines.scores(hyps, refs),
+                    "copy": baselines.copy_scores(srcs, refs), "memory_hypotheses": hyps})
+    return out
 
 
 def _train_all(args, names, dataset: Path, vocab_size: int) -> tuple[list[dict], dict]:
@@ -173,7 +178,7 @@ def main(argv=None) -> int:
     test, valid = data.test.texts(), data.valid.texts(translation.NUM_BLEU)
     held = {s for s, _ in test} | {s for s, _ in data.valid.texts()}
     t1 = time.perf_counter()
-    test_base, valid_base = _baselines(pairs, held, test), _baselines(pairs, held, valid)
+    test_base, valid_base = _baselines(pairs, held, test, valid)
     memory_s = time.perf_counter() - t1
     rows, budget = _train_all(args, names, work / "ds", data.vocab_size)
     first = rows[0]
