@@ -5,7 +5,8 @@ paper's Table 2 comparison, the Transformer against an attentional RNN translato
     python benchmarks/translation.py --quick --pairs train.en train.de
     python benchmarks/translation.py --pairs corpus.jsonl --source-lang en --target-lang fr
     python benchmarks/translation.py --quick --models transformer,lstm     # ≤ 15 min here
-    python benchmarks/translation.py --models transformer,lstm,gru --sweep
+    python benchmarks/translation.py --models transformer,lstm,gru   # sweeps the rates
+    python benchmarks/translation.py --quick --models transformer,transformer-pre,lstm
 
 The default corpus is this machine's gettext catalogs (``--catalogs de``, built by
 :mod:`benchmarks.catalogs`): human translations of program messages, about 50k English ->
@@ -21,17 +22,19 @@ sacreBLEU and chrF on detokenised text. Beside it, in the same run and on the sa
 
 The Transformer alone trains the recipe's steps (``--quick``: about 10 minutes on 2 CPU cores,
 compilation included; without it, 3 times as many). With ``--models`` naming several, each
-trains for the same ``--budget`` of seconds and the RNNs are compared with the Transformer
-(:mod:`benchmarks.translation_runs`: the protocol and the two figures). Writes results.json
-(test_bleu, copy_bleu, memory_bleu, chrf, wall_s, num_train_pairs, the signatures, example
-translations, each model's row and curve, and for a comparison ``time_to_rnn_bleu_ratio`` and
-``bleu_gain_at_equal_time``), results.md and bleu_vs_time.png to
+trains for the same ``--budget`` of seconds and each Transformer (the paper's post-LN, or
+``transformer-pre``) is compared with each RNN (:mod:`benchmarks.translation_runs`: the
+protocol and the two figures); the full form first sweeps each model's learning rate.
+Writes results.json (test_bleu, copy_bleu, memory_bleu, chrf, wall_s, num_train_pairs, the
+signatures, example translations, each model's row and curve, and for a comparison
+``time_to_rnn_bleu_ratio`` and ``bleu_gain_at_equal_time``), results.md and bleu_vs_time.png to
 benchmarks/results/translation/ (a comparison: translation_vs_rnn/), or ``--out``; the corpus,
 dataset and runs go to ``--work``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -65,15 +68,18 @@ def _parser():
                    "the recipe's for the Transformer alone; each model's pinned rate, or "
                    "--sweep's choice, with a budget)")
     p.add_argument("--models", default="transformer", metavar="M,M",
-                   help="transformer, lstm, gru; several are trained for the same --budget "
-                   "and compared with the first, the Transformer (default: %(default)s)")
+                   help="transformer, transformer-pre (pre-LN), lstm, gru; several are "
+                   "trained for the same --budget, and each Transformer, listed first, is "
+                   "compared with each RNN (default: %(default)s)")
     p.add_argument("--budget", type=float, metavar="SECONDS",
                    help="training seconds of each model, compilation excluded (default: "
                    "the recipe's steps for the Transformer alone; 120 with --quick, else "
                    "600, for a comparison)")
-    p.add_argument("--sweep", action="store_true",
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction,
                    help="first pick each model's learning rate: the lowest validation loss "
-                   "after a third of the budget's steps at each of translation_runs.SWEEP_LR")
+                   "after a third of the budget's steps at each of translation_runs.SWEEP_LR "
+                   "(default: on for a comparison without --quick; else each model's pinned "
+                   "rate, translation_runs.TUNED_LR)")
     p.add_argument("--work", type=Path, default=Path("/tmp/translation-benchmark"),
                    help="corpus, dataset and run directory (default: %(default)s; replaced)")
     return p
@@ -121,7 +127,8 @@ def _train_all(args, names, dataset: Path, vocab_size: int) -> tuple[list[dict],
     from benchmarks import translation_runs as tr
 
     work = args.work
-    budget = args.budget or (None if names == ["transformer"] and not args.sweep
+    lone = len(names) == 1 and names[0] in tr.TRANSFORMERS
+    budget = args.budget or (None if lone and not args.sweep
                              else 120.0 if args.quick else 600.0)
     rows = []
     for name in names:
@@ -142,10 +149,29 @@ def _train_all(args, names, dataset: Path, vocab_size: int) -> tuple[list[dict],
         print(f"{name}: {cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers, d_model "
               f"{cfg.d_model}, lr {tc.schedule.lr:g}, {steps} steps"
               + (f" (the budget of {budget:.0f} s)" if budget else ""), flush=True)
-        rows.append(tr.train_and_score(cfg, tc))
+        rows.append(tr.train_and_score(name, cfg, tc))
         if tried:
             rows[-1]["lrs_tried"] = {f"{k:g}": v for k, v in tried.items()}
     return rows, {"budget_s": budget}
+
+
+def _models(parser, args) -> list[str]:
+    """``--models`` as a list, refused in one line unless it names distinct known models, a
+    Transformer first where there are several and at least one RNN; ``args.sweep`` resolved
+    (a comparison's full form sweeps the rates, its ``--quick`` form takes the pinned ones)."""
+    from benchmarks import translation_runs as tr
+
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in tr.MODELS]
+    if unknown or not names or len(set(names)) != len(names):
+        parser.error(f"--models {args.models}: give distinct names among {', '.join(tr.MODELS)}")
+    if len(names) > 1 and (names[0] not in tr.TRANSFORMERS
+                           or all(m in tr.TRANSFORMERS for m in names)):
+        parser.error("--models: several models compare Transformers with RNNs; list a "
+                     "Transformer first and at least one of lstm, gru")
+    if args.sweep is None:
+        args.sweep = len(names) > 1 and not args.quick
+    return names
 
 
 def main(argv=None) -> int:
@@ -158,12 +184,7 @@ def main(argv=None) -> int:
 
     parser = _parser()
     args = parser.parse_args(argv)
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in names if m not in tr.MODELS]
-    if unknown or not names or len(set(names)) != len(names):
-        parser.error(f"--models {args.models}: give distinct names among {', '.join(tr.MODELS)}")
-    if len(names) > 1 and names[0] != "transformer":
-        parser.error("--models: several models are compared with the Transformer; list it first")
+    names = _models(parser, args)
     t0 = time.perf_counter()
     work = args.work
     shutil.rmtree(work, ignore_errors=True)
@@ -198,7 +219,7 @@ def main(argv=None) -> int:
                        "memory": test_base["memory_hypotheses"][i]}
                       for i, (s, t) in enumerate(test[:EXAMPLES])]}
     if len(rows) > 1:
-        r["comparisons"] = [tr.compare(first, row) for row in rows[1:]]
+        r["comparisons"] = tr.compare_all(rows)
         r.update({k: r["comparisons"][0][k]
                   for k in ("time_to_rnn_bleu_ratio", "bleu_gain_at_equal_time")})
     machine = common.describe_machine()
@@ -255,14 +276,14 @@ def _markdown(r: dict, machine: dict, argv) -> str:
     for c in r.get("comparisons", []):
         ratio = c["time_to_rnn_bleu_ratio"]
         parts.append(
-            f"Transformer against {c['rnn']}: time to the {c['rnn']}'s best validation BLEU "
-            f"({c['rnn_best_val_bleu']:.1f}) "
+            f"{c['transformer']} against {c['rnn']}: time to the {c['rnn']}'s best "
+            f"validation BLEU ({c['rnn_best_val_bleu']:.1f}) "
             + (f"{ratio:.2f}× the {c['rnn']}'s ({c['transformer_time_to_rnn_best_s']:.0f} s "
                f"against {c['rnn_time_to_best_s']:.0f} s)" if ratio is not None
-               else "not reached by the Transformer")
-            + (f"; the {c['rnn']} reached the Transformer's best "
+               else f"not reached by the {c['transformer']}")
+            + (f"; the {c['rnn']} reached the {c['transformer']}'s best "
                f"({c['transformer_best_val_bleu']:.1f}) in "
-               f"{c['rnn_time_to_transformer_best_ratio']:.2f}× the Transformer's time"
+               f"{c['rnn_time_to_transformer_best_ratio']:.2f}× the {c['transformer']}'s time"
                if c.get("rnn_time_to_transformer_best_ratio") is not None else "")
             + f"; test BLEU at equal time {c['bleu_gain_at_equal_time']:+.1f}; training "
             f"tokens/s {c['train_tokens_per_s_ratio']:.2f}× and beam decoding sentences/s "
@@ -290,7 +311,7 @@ def _plot(r: dict, path: Path) -> None:
             end = m["train_s"] if key == "train_s" else m["train_flops"]
             ax.plot([end], [m["test_bleu"]], "*", color=color, markersize=12,
                     label=f"{m['model']}: test, beam 4, averaged")
-        ax.axhline(r["valid_slice"]["memory_bleu"], color="tab:green", linestyle="--",
+        ax.axhline(r["valid_slice"]["memory_bleu"], color="black", linestyle="--",
                    label="translation memory (validation slice)")
         ax.axhline(r["valid_slice"]["copy_bleu"], color="tab:gray", linestyle=":",
                    label="copy the source (validation slice)")

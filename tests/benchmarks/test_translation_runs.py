@@ -1,6 +1,7 @@
 """benchmarks/translation.py's comparison of models (benchmarks/translation_runs.py): the
 models it compares, the figures it derives, and one tiny run of the whole benchmark."""
 
+import dataclasses
 import json
 import random
 import sys
@@ -53,6 +54,26 @@ def test_compare_gives_the_time_ratio_and_the_gain_at_equal_time():
     assert never["rnn_time_to_transformer_best_ratio"] == pytest.approx(15 / 20)
     untrained = tr.compare(transformer, _row("gru", [(10, 0.0)], 0.0, 1, 1))
     assert untrained["time_to_rnn_bleu_ratio"] is None  # an RNN that never scored
+    assert (c["transformer"], c["rnn"]) == ("transformer", "lstm")
+
+
+def test_each_transformer_is_compared_with_each_rnn_the_first_pair_first():
+    rows = [_row(m, [(10, 1.0), (20, 4.0)], 3.0, 1, 1)
+            for m in ("transformer", "transformer-pre", "lstm", "gru")]
+    pairs = [(c["transformer"], c["rnn"]) for c in tr.compare_all(rows)]
+    assert pairs == [("transformer", "lstm"), ("transformer", "gru"),
+                     ("transformer-pre", "lstm"), ("transformer-pre", "gru")]
+
+
+def test_transformer_pre_is_the_same_model_and_training_with_pre_ln(tmp_path):
+    post, pre = tr.model_config("transformer", 4000), tr.model_config("transformer-pre", 4000)
+    assert (post.norm, pre.norm) == ("post", "pre")
+    assert dataclasses.replace(pre, norm="post") == post
+    # Pre-LN adds one final normalisation a stack: 2 × 2·d_model parameters, no more.
+    assert accounting.num_params(pre) - accounting.num_params(post) == 4 * post.d_model
+    tc = tr.train_config("transformer-pre", tmp_path, tmp_path / "run", steps=480)
+    base = tr.train_config("transformer", tmp_path, tmp_path / "run", steps=480)
+    assert tc == base  # the registry's "transformer", unclipped: only the model config differs
 
 
 @pytest.mark.parametrize("rnn", ["lstm", "gru"])
@@ -121,12 +142,27 @@ def test_a_tiny_comparison_writes_both_figures_rows_table_and_plot(tmp_path, mon
         r["models"][0]["test_bleu"] - r["models"][1]["test_bleu"])
     assert "time_to_rnn_bleu_ratio" in r and r["test_bleu"] == r["models"][0]["test_bleu"]
     assert (out / "bleu_vs_time.png").stat().st_size > 0
-    assert "Transformer against lstm" in (out / "results.md").read_text()
+    assert "transformer against lstm" in (out / "results.md").read_text()
 
 
-def test_models_must_be_known_distinct_and_led_by_the_transformer(capsys):
-    for models in ("transformer,rnn", "lstm,transformer", "lstm,lstm", ","):
+def test_models_must_be_known_distinct_and_led_by_a_transformer(capsys):
+    for models in ("transformer,rnn", "lstm,transformer", "lstm,lstm", ",",
+                   "transformer,transformer-pre"):
         with pytest.raises(SystemExit) as e:
             translation.main(["--models", models])
         assert e.value.code == 2
     assert "--models" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, sweep", [
+    (["--models", "transformer,lstm"], True),  # the full form sweeps the rates
+    (["--models", "transformer,lstm", "--quick"], False),  # --quick takes the pinned ones
+    (["--models", "transformer,lstm", "--no-sweep"], False),
+    (["--models", "transformer-pre,gru", "--quick", "--sweep"], True),
+    (["--models", "transformer"], False),  # the recipe alone
+])
+def test_the_full_form_of_a_comparison_sweeps_the_rates(argv, sweep):
+    parser = translation._parser()
+    args = parser.parse_args(argv)
+    translation._models(parser, args)
+    assert args.sweep is sweep
