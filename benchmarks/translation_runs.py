@@ -60,9 +60,9 @@ RNN_GRAD_CLIP = 5.0  # Luong et al. (2015, §4): gradients rescaled when their n
 TUNED_LR = {"transformer": 1e-3, "transformer-pre": 4e-3, "lstm": 8e-3, "gru": 4e-3}
 # Four rates a model, a factor of 2 apart: the post-LN Transformer's stop at 4e-3, above which
 # it diverges from its warmup; pre-LN and the clipped RNNs train up to 1.6e-2.
-SWEEP_LR = {"transformer": (5e-4, 1e-3, 2e-3, 4e-3),
-            "transformer-pre": (2e-3, 4e-3, 8e-3, 1.6e-2),
-            "lstm": (2e-3, 4e-3, 8e-3, 1.6e-2), "gru": (2e-3, 4e-3, 8e-3, 1.6e-2)}
+_HIGH_RATES = (2e-3, 4e-3, 8e-3, 1.6e-2)
+SWEEP_LR = {"transformer": (5e-4, 1e-3, 2e-3, 4e-3), "transformer-pre": _HIGH_RATES,
+            "lstm": _HIGH_RATES, "gru": _HIGH_RATES}
 PROBE_STEPS = 100
 EVALS = 8  # validation points of a budgeted run
 
@@ -197,14 +197,13 @@ def compare_all(rows: list[dict]) -> list[dict[str, Any]]:
 
 
 def sweep(model_cfg: ModelConfig, name: str, dataset: Path, work: Path, steps: int,
-          batch_tokens: int | None, log=print,
-          rates: tuple[float, ...] | None = None) -> dict[float, dict[str, float]]:
-    """{learning rate: {"val_loss", "val_bleu"}} of runs of ``steps`` at each of ``rates``
-    (default: the model's :data:`SWEEP_LR`), with no test evaluation (a diverged run's loss
-    is infinite). The choice is the lowest validation loss: after a third of a short budget,
-    BLEU is still too close to 0 to rank the rates."""
+          batch_tokens: int | None, log=print) -> dict[float, dict[str, float]]:
+    """{learning rate: {"val_loss", "val_bleu"}} of runs of ``steps`` at each of the model's
+    :data:`SWEEP_LR`, with no test evaluation (a diverged run's loss is infinite). The choice
+    is the lowest validation loss: after a third of a short budget, BLEU is still too close to
+    0 to rank the rates."""
     tried = {}
-    for lr in rates or SWEEP_LR[name]:
+    for lr in SWEEP_LR[name]:
         tc = train_config(name, dataset, work / f"sweep-{name}-{lr:g}", steps=steps, lr=lr,
                           batch_tokens=batch_tokens, evals=2)
         result = _run(model_cfg, tc, workload=_without_test(model_cfg, tc),
