@@ -19,8 +19,9 @@ import numpy as np
 
 IMPLEMENTATIONS = ("exact", "blockwise", "xla", "cudnn")
 #: Above this many scores per (example, head) ``implementation=None`` picks "blockwise" (off a
-#: GPU that runs cuDNN): 2048² float32 scores are 16 MiB per head, where the exact path's memory
-#: traffic starts to dominate on CPU and its O(T·S) temporaries start to hurt on accelerators.
+#: GPU that runs cuDNN): a T = S = 2048 score matrix per head, the size at which the exact
+#: path's memory traffic starts to dominate on CPU and its O(T·S) temporaries start to hurt on
+#: accelerators (benchmarks/attention.py measures both paths across T).
 AUTO_BLOCKWISE_SCORES = 2048 * 2048
 
 

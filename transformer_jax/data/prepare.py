@@ -8,7 +8,8 @@ The folder it writes holds
 * ``tokenizer.json``: the tokenizer (the ``tokenizers`` library's file for BPE);
 * ``train-00000.bin``, ..., ``val-00000.bin``, ...: the token ids as one flat array per split,
   ``uint16`` (``uint32`` when the vocabulary exceeds 65,535), cut into shards of at most
-  1 GiB; the same layout as nanoGPT's ``train.bin`` and MaxText's OLMo token files.
+  :attr:`PrepareSettings.shard_bytes`; the same layout as nanoGPT's ``train.bin`` and
+  MaxText's OLMo token files.
 
 Documents follow each other, each ended by the tokenizer's end-of-text id. The last
 ``val_tokens`` tokens of that stream are the validation split, the rest the training split.
